@@ -1,0 +1,1 @@
+"""Shared library behind the train_*.py, generate.py and evaluate.py scripts."""
