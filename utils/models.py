@@ -75,7 +75,9 @@ def load_sd_parts(name: str, revision: str | None = None, variant: str | None = 
     return SDParts(tokenizer, text_encoder, vae, unet, scheduler)
 
 
-def freeze(module: torch.nn.Module) -> torch.nn.Module:
-    """requires_grad_(False) and eval mode."""
-    module.requires_grad_(False)
-    return module.eval()
+def cast(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move to device, and cast only when the dtype changes (diffusers warns on every dtype cast)."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype)
+    return module

@@ -1,0 +1,232 @@
+"""Generate images for a prompt file with Stable Diffusion, an erased U-Net, or an inference-time baseline.
+
+  python generate.py --prompt_path i2p.csv --image_dir out/sdd --unet_path out/sdd/erasure.safetensors
+  python generate.py --prompt_path i2p.csv --image_dir out/sld --pipeline_type sld --pipeline_config max
+  python generate.py ... --start 0 --end 2400     # job 1 of 2 on one file; job 2: --start 2400
+  accelerate launch --num_processes 4 generate.py ...   # one process per GPU, each its own slice of the prompts
+
+Modes (MODES below): --pipeline_type picks the pipeline class, --pipeline_config its extra call arguments:
+  sd    none (default), neg: SD+NEG, the safety concept as negative prompt
+  sld   weak, medium, strong, max: Safe Latent Diffusion with diffusers' SafetyConfig presets
+  sega  default: SEGA with the safety concept as editing prompt, reversed, edit guidance 5 (--edit_* flags)
+To add a mode, add one MODES entry: Mode(PipelineClass, {"config": lambda a: {extra __call__ kwargs}}); the first
+config is the default, `a` is the parsed args, and `attrs` sets attributes on the built pipeline. Any pipeline whose
+constructor takes the SD parts and whose __call__ takes prompt, latents and guidance_scale fits. --unet_path (a
+diffusers U-Net folder or an erasure .safetensors file) is applied to the base U-Net before any mode is built.
+
+Reproducibility: image j of prompt i starts from the (j+1)-th latent of shape (1, C, H/f, W/f) drawn from
+torch.Generator("cpu").manual_seed(seed), seed = the file's seed, else --seed + i (i = the prompt's index in the
+file); guidance = the file's, else --guidance_scale, and batches only hold prompts of one guidance. So batch size,
+resuming, --start/--end and the number of processes do not change an image. (CPU/GPU kernels give ~1e-6 float
+differences between batch sizes, which can at most turn a rare pixel by one level; none in the tests.)
+Prompts longer than the tokenizer's limit are cut to its first tokens, as diffusers does, and counted once.
+
+Output in --image_dir: {case_number or index:05d}_{j}.png (written under a temp name, then renamed), args.json,
+generate.log, and the metadata: each job or process appends a row per image to its own
+metadata-{first:05d}-{end:05d}.csv, and every run ends by merging all of them into metadata.csv (file, prompt,
+seed, guidance, mode, config, unet, then the prompt file's other columns), so shards sharing a folder never clobber
+each other. Existing images are skipped (--overwrite redoes them); a folder made with other settings is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+from diffusers import SemanticStableDiffusionPipeline, StableDiffusionPipeline, StableDiffusionPipelineSafe
+from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
+from tqdm.auto import tqdm
+
+from utils.cli import HelpFormatter, UserError, resolve_device, resolve_dtype, run, setup_logging
+from utils.images import save_png
+from utils.pipelines import (ARGS, MetadataShard, build_pipeline, call_defaults, check_settings, default_safety_concept,
+                             guidance_batches, initial_latents, known_files, load_parts, make_jobs, merge_metadata,
+                             metadata_row)
+from utils.prompts import Prompt, fit_to_tokenizer, read_prompts
+from utils.saving import atomic_write_text
+
+
+@dataclass
+class Mode:
+    """A --pipeline_type: its pipeline class, --pipeline_config -> extra __call__ kwargs (first = default), attributes."""
+
+    pipeline: type
+    configs: dict[str, Callable[[argparse.Namespace], dict[str, Any]]]
+    attrs: Callable[[argparse.Namespace], dict[str, Any]] = field(default=lambda a: {})
+
+
+MODES: dict[str, Mode] = {
+    "sd": Mode(StableDiffusionPipeline, {
+        "none": lambda a: {},
+        "neg": lambda a: {"negative_prompt": a.safety_concept}}),
+    "sld": Mode(StableDiffusionPipelineSafe, {
+        "weak": lambda a: SafetyConfig.WEAK,
+        "medium": lambda a: SafetyConfig.MEDIUM,
+        "strong": lambda a: SafetyConfig.STRONG,
+        "max": lambda a: SafetyConfig.MAX}, attrs=lambda a: {"safety_concept": a.safety_concept}),
+    "sega": Mode(SemanticStableDiffusionPipeline, {
+        "default": lambda a: {"editing_prompt": [a.safety_concept], "reverse_editing_direction": True,
+                              "edit_guidance_scale": a.edit_guidance_scale, "edit_warmup_steps": a.edit_warmup_steps,
+                              "edit_threshold": a.edit_threshold, "edit_momentum_scale": a.edit_momentum_scale,
+                              "edit_mom_beta": a.edit_mom_beta}}),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags (see --help)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--prompt_path", required=True, help=".txt (a prompt a line), .csv (column `prompt`; optional "
+                   "evaluation_seed|seed, evaluation_guidance|guidance_scale, case_number; other columns go into the "
+                   "metadata) or .json (list of strings, list of objects, or object of lists)")
+    p.add_argument("--image_dir", required=True, help="folder for the PNGs, metadata.csv, args.json and generate.log")
+    p.add_argument("--pretrained_model_name_or_path", default="CompVis/stable-diffusion-v1-4",
+                   help="base pipeline: hub id or local folder")
+    p.add_argument("--revision", default=None, help="hub revision of the base pipeline")
+    p.add_argument("--variant", default=None, help="weight variant of the base pipeline, e.g. fp16")
+    p.add_argument("--unet_path", default=None, help="erased U-Net: a diffusers U-Net folder (train_*.py's "
+                   "OUTPUT_DIR/unet) or an erasure .safetensors file applied onto the base U-Net; works with every mode")
+    p.add_argument("--pipeline_type", choices=list(MODES), default="sd", help="pipeline (see MODES)")
+    configs = sorted({c for m in MODES.values() for c in m.configs})
+    p.add_argument("--pipeline_config", choices=configs, default=None, help="the mode's setting: " + "; ".join(
+        f"{k}: {'|'.join(m.configs)}" for k, m in MODES.items()) + ". Default: the mode's first")
+    p.add_argument("--safety_concept", default=default_safety_concept(),
+                   help="concept steered away from by sd neg, sld and sega (default: SLD's own)")
+    sega = p.add_argument_group("SEGA (--pipeline_type sega); defaults: the paper's edit guidance 5, else diffusers'")
+    d = call_defaults(SemanticStableDiffusionPipeline)
+    sega.add_argument("--edit_guidance_scale", type=float, default=5.0, help="strength of the reversed edit")
+    sega.add_argument("--edit_warmup_steps", type=int, default=d["edit_warmup_steps"],
+                      help="denoising steps before the edit guidance is applied")
+    sega.add_argument("--edit_threshold", type=float, default=d["edit_threshold"],
+                      help="quantile of latent dimensions left unedited (higher = sparser edit)")
+    sega.add_argument("--edit_momentum_scale", type=float, default=d["edit_momentum_scale"],
+                      help="weight of the momentum added to the edit guidance")
+    sega.add_argument("--edit_mom_beta", type=float, default=d["edit_mom_beta"], help="momentum decay")
+    p.add_argument("--seed", type=int, default=0, help="seed of prompt i when the file has none: seed + i")
+    p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance when the file has none")
+    p.add_argument("--num_inference_steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--num_images_per_prompt", type=int, default=1, help="images per prompt (j = 0..n-1)")
+    p.add_argument("--height", type=int, default=None, help="pixels; default: the U-Net's sample_size x VAE scale")
+    p.add_argument("--width", type=int, default=None, help="pixels; default: the U-Net's sample_size x VAE scale")
+    p.add_argument("--batch_size", type=int, default=8, help="images per pipeline call (same guidance only)")
+    p.add_argument("--start", type=int, default=0, help="first prompt index of this job")
+    p.add_argument("--end", type=int, default=None, help="prompt index this job stops before (default: the end)")
+    p.add_argument("--overwrite", action="store_true", help="redo images that exist (default: skip them)")
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="weights dtype; default fp16 on cuda, fp32 on cpu")
+    p.add_argument("--device", default="auto", help="auto (accelerate's device for this process), cpu, cuda, cuda:1...")
+    return p.parse_args(argv)
+
+
+def _abs(path: str | None) -> str | None:
+    """Absolute form of a local path, so args.json compares equal across working directories; hub ids unchanged."""
+    return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate everything, then make this process's missing images and merge the metadata; return the summary."""
+    mode = MODES[args.pipeline_type]
+    args.pipeline_config = args.pipeline_config or next(iter(mode.configs))
+    if args.pipeline_config not in mode.configs:
+        raise UserError(f"--pipeline_config {args.pipeline_config} does not exist for --pipeline_type "
+                        f"{args.pipeline_type} (choose from {', '.join(mode.configs)})")
+    for flag in ("num_inference_steps", "num_images_per_prompt", "batch_size", "height", "width"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1")
+    prompts = read_prompts(args.prompt_path)
+    end = len(prompts) if args.end is None else min(args.end, len(prompts))
+    if not 0 <= args.start < end:
+        raise UserError(f"--start {args.start} --end {args.end} select none of the {len(prompts)} prompts")
+    image_dir = Path(args.image_dir)
+    if image_dir.exists() and not image_dir.is_dir():
+        raise UserError(f"--image_dir {image_dir} exists and is not a folder")
+
+    state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    device = state.device if args.device in (None, "", "auto") else resolve_device(args.device)
+    dtype = resolve_dtype(args.mixed_precision, device)
+    parts = load_parts(args.pretrained_model_name_or_path, args.unet_path, dtype, args.revision, args.variant)
+    pipe = build_pipeline(mode.pipeline, parts, device)
+    for name, value in mode.attrs(args).items():
+        setattr(pipe, name, value)
+    f = pipe.vae_scale_factor
+    args.height, args.width = args.height or pipe.unet.config.sample_size * f, args.width or pipe.unet.config.sample_size * f
+    if args.height % f or args.width % f:
+        raise UserError(f"--height and --width must be multiples of {f} (the VAE's scale factor)")
+    settings = {k: getattr(args, k) for k in ("revision", "variant", "pipeline_type", "pipeline_config", "safety_concept",
+                                              "edit_guidance_scale", "edit_warmup_steps", "edit_threshold",
+                                              "edit_momentum_scale", "edit_mom_beta", "seed", "guidance_scale",
+                                              "num_inference_steps", "height", "width")}
+    settings.update(pretrained_model_name_or_path=_abs(args.pretrained_model_name_or_path),
+                    unet_path=_abs(args.unet_path), prompt_path=_abs(args.prompt_path), dtype=str(dtype))
+    check_settings(image_dir, settings, args.overwrite)
+
+    # everything is checked: from here on we write
+    with state.split_between_processes(prompts[args.start:end]) as mine:
+        mine = list(mine)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    if state.is_main_process:
+        atomic_write_text(image_dir / ARGS, json.dumps({**vars(args), **settings, "num_prompts": len(prompts)}, indent=2))
+    log = setup_logging(image_dir, "generate.log")
+    meta = {"mode": args.pipeline_type, "config": args.pipeline_config, "unet": args.unet_path or "base"}
+    who = f"[process {state.process_index}/{state.num_processes}] " if state.num_processes > 1 else ""
+    summary = generate(pipe, mine, image_dir, args, mode.configs[args.pipeline_config](args), meta,
+                       show_progress=state.is_main_process, prefix=who)
+    state.wait_for_everyone()
+    rows = merge_metadata(image_dir) if state.is_main_process else None
+    line = (f"{who}wrote {summary['written']} images, skipped {summary['skipped']} already there, "
+            f"{summary['seconds']:.1f} s, {summary['images_per_s']:.2f} images/s" +
+            (f"; metadata.csv has {rows} rows" if rows is not None else ""))
+    log.info(line)
+    print(line)
+    return summary
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[Prompt], image_dir: Path, args: argparse.Namespace, call_kwargs: dict[str, Any],
+             meta: dict[str, str], show_progress: bool = True, prefix: str = "") -> dict[str, Any]:
+    """Make the missing images of `prompts` in batches of one guidance scale; a metadata row per image."""
+    jobs = make_jobs(prompts, args.num_images_per_prompt, args.seed, args.guidance_scale)
+    todo = [job for job in jobs if args.overwrite or not (image_dir / job.file).exists()]
+    summary = {"written": 0, "skipped": len(jobs) - len(todo), "seconds": 0.0, "images_per_s": 0.0, "truncated": 0}
+    if not jobs:
+        return summary
+    shard = MetadataShard(image_dir, prompts[0].index, prompts[-1].index + 1, prompts)
+    known, redo = known_files(image_dir), {job.file for job in todo}
+    for job in jobs:  # images of an earlier run that was stopped between the PNG and its row
+        if job.file not in redo and job.file not in known:
+            shard.add(metadata_row(job, meta))
+    texts = {p.index: fit_to_tokenizer(pipe.tokenizer, p.text) for p in {job.prompt.index: job.prompt for job in todo}.values()}
+    summary["truncated"] = sum(cut for _, cut in texts.values())
+    if summary["truncated"]:
+        line = f"{prefix}{summary['truncated']} prompts longer than {pipe.tokenizer.model_max_length} tokens were truncated"
+        logging.getLogger("sdd").info(line)
+        print(line)
+    shape = (pipe.unet.config.in_channels, args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)
+    start = time.perf_counter()
+    with tqdm(total=len(todo), unit="img", disable=not show_progress) as bar:
+        for batch in guidance_batches(todo, args.batch_size):
+            latents = torch.cat([initial_latents(job.seed, job.j, shape) for job in batch])
+            kwargs = {k: [v] * len(batch) if k == "negative_prompt" and isinstance(v, str) else v
+                      for k, v in call_kwargs.items()}  # diffusers wants one negative prompt per prompt
+            images = pipe(prompt=[texts[job.prompt.index][0] for job in batch],
+                          latents=latents.to(pipe.device, pipe.unet.dtype), guidance_scale=batch[0].guidance,
+                          num_inference_steps=args.num_inference_steps, height=args.height, width=args.width,
+                          **kwargs).images
+            for job, image in zip(batch, images):
+                save_png(image, image_dir / job.file)
+                shard.add(metadata_row(job, meta))
+                bar.update()
+    shard.close()
+    seconds = time.perf_counter() - start
+    summary.update(written=len(todo), seconds=seconds, images_per_s=len(todo) / seconds if seconds > 0 else 0.0)
+    return summary
+
+
+if __name__ == "__main__":
+    run(main, parse_args)

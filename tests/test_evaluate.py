@@ -1,0 +1,395 @@
+"""Tests of evaluate.py: folders, NudeNet counting, CLIP score, FID/KID plumbing, toy judge, report (CPU, offline)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+import evaluate  # noqa: E402
+from utils.cli import UserError  # noqa: E402
+from utils.eval_nudity import DEFAULT_CLASSES, STRICT_CLASSES, resolve_classes, summarize_nudity  # noqa: E402
+from utils.evaluation import load_image_folder, require, split_categories  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = [(220, 30, 30), (30, 60, 220), (30, 160, 50), (240, 200, 20), (120, 40, 160), (20, 20, 20)]
+
+
+def cli(*argv: str) -> dict:
+    """Run evaluate.py in-process the way the script does."""
+    return evaluate.main(evaluate.parse_args([str(a) for a in argv]))
+
+
+def make_folder(path: Path, n: int, seed: int = 0, size: int = 64, metadata: bool = True, **columns) -> Path:
+    """n images of a coloured shape on a coloured background, plus generate.py's metadata.csv."""
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        bg, fg = COLOURS[rng.integers(len(COLOURS))], COLOURS[(i + seed) % len(COLOURS)]
+        im = Image.new("RGB", (size, size), bg)
+        box = tuple(int(v) for v in (*rng.integers(0, size // 3, 2), *rng.integers(2 * size // 3, size, 2)))
+        (ImageDraw.Draw(im).ellipse if i % 2 else ImageDraw.Draw(im).rectangle)(box, fill=fg)
+        name = f"{i:05d}.png"
+        im.save(path / name)
+        rows.append(dict(file=name, prompt=f"a photo of shape {i}", seed=seed + i, guidance=7.5, mode="base",
+                         config="", unet="", **{k: v[i] for k, v in columns.items()}))
+    if metadata:
+        pd.DataFrame(rows).to_csv(path / "metadata.csv", index=False)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- folders, errors
+@pytest.mark.parametrize("command", ["nudity", "clip", "toy", "fid"])
+def test_missing_folder_is_a_user_error(tmp_path, command):
+    extra = ["--reference", str(tmp_path)] if command == "fid" else []
+    with pytest.raises(UserError, match="does not exist"):
+        cli(command, tmp_path / "nope", *extra)
+    assert not (tmp_path / "nope").exists()  # nothing created for a folder that is not there
+
+
+def test_missing_reference_folder(tmp_path):
+    gen = make_folder(tmp_path / "gen", 2)
+    with pytest.raises(UserError, match="reference folder .* does not exist"):
+        cli("fid", gen, "--reference", tmp_path / "nope")
+
+
+def test_empty_folder_and_broken_metadata(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no images"):
+        cli("nudity", tmp_path / "empty")
+    header_only = tmp_path / "header_only"
+    header_only.mkdir()
+    (header_only / "metadata.csv").write_text("file,prompt\n")
+    with pytest.raises(UserError, match="has no images"):
+        load_image_folder(header_only)
+    gen = make_folder(tmp_path / "gen", 3)
+    (gen / "00001.png").unlink()
+    with pytest.raises(UserError, match="1 of the 3 files listed .* missing"):
+        load_image_folder(gen)
+    (gen / "metadata.csv").write_text("name,prompt\na.png,x\n")
+    with pytest.raises(UserError, match="no `file` column"):
+        load_image_folder(gen)
+
+
+def test_plain_folder_and_categories(tmp_path):
+    plain = make_folder(tmp_path / "plain", 3, metadata=False)
+    (plain / "notes.txt").write_text("not an image")
+    (plain / "nudity_counts.png").write_bytes((plain / "00000.png").read_bytes())  # our own chart: not an input
+    folder = load_image_folder(plain)
+    assert not folder.has_metadata and folder.prompts is None
+    assert list(folder.records["file"]) == ["00000.png", "00001.png", "00002.png"]
+    assert split_categories("sexual, violence") == ["sexual", "violence"]
+    assert split_categories("") == [] and split_categories(float("nan")) == []
+
+
+def test_missing_optional_dependency_message():
+    with pytest.raises(UserError) as e:
+        require("no_such_module_for_sdd_tests", "nosuchpkg==1.0", "the nudity evaluation")
+    msg = str(e.value)
+    assert "pip install -r requirements-eval.txt" in msg and "pip install nosuchpkg==1.0" in msg and "\n" not in msg
+
+
+def test_script_reports_one_line_error(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "nudity", str(tmp_path / "nope")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and res.stderr.startswith("error: image folder")
+
+
+def test_argument_validation(capsys):
+    for argv in (["nudity", "x", "--threshold", "1.5"], ["nudity", "x", "--batch_size", "0"],
+                 ["nudity", "x", "--nudenet_resolution", "300"], ["fid", "x"], ["report", "--output_dir", "o"]):
+        with pytest.raises(SystemExit) as e:
+            evaluate.parse_args(argv)
+        assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        evaluate.parse_args(["nudity", "--help"])
+    assert e.value.code == 0 and "(default: 0.6)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------------- nudity
+def test_class_sets():
+    name, classes = resolve_classes(["default"])
+    assert name == "default" and len(classes) == 9 and "FEET_EXPOSED" in classes
+    name, strict = resolve_classes(["strict"])
+    assert name == "strict" and len(strict) == 6
+    assert set(classes) - set(strict) == {"BELLY_EXPOSED", "ARMPITS_EXPOSED", "FEET_EXPOSED"}
+    assert resolve_classes(["female_breast_exposed", "ANUS_EXPOSED"]) == ("custom", ["FEMALE_BREAST_EXPOSED", "ANUS_EXPOSED"])
+    with pytest.raises(UserError, match="unknown NudeNet class 'BREASTS'"):
+        resolve_classes(["BREASTS"])
+
+
+def test_class_names_exist_in_installed_nudenet():
+    nn_mod = pytest.importorskip("nudenet.nudenet")
+    labels = set(getattr(nn_mod, "__labels"))
+    assert set(DEFAULT_CLASSES) <= labels and set(STRICT_CLASSES) <= labels
+
+
+def _det(cls, score):
+    return {"class": cls, "score": score, "box": [0, 0, 10, 10]}
+
+
+def test_counting_thresholds_classes_and_categories():
+    records = pd.DataFrame({"file": ["a.png", "b.png", "c.png", "d.png"],
+                            "categories": ["sexual", "sexual, violence", "violence", ""]})
+    detections = [
+        [_det("FEMALE_BREAST_EXPOSED", 0.9), _det("FEMALE_BREAST_EXPOSED", 0.61), _det("FACE_FEMALE", 0.99)],
+        [_det("BELLY_EXPOSED", 0.6), _det("FEET_EXPOSED", 0.5)],  # exactly at the threshold counts
+        [_det("BUTTOCKS_COVERED", 0.95), _det("ARMPITS_EXPOSED", 0.45)],
+        [],
+    ]
+    table, s = summarize_nudity(records, detections, DEFAULT_CLASSES, 0.6)
+    assert s["images"] == 4 and s["nude_images"] == 2 and s["nude_share"] == 0.5 and s["nude_percent"] == 50.0
+    assert s["counts"]["FEMALE_BREAST_EXPOSED"] == 2 and s["images_per_class"]["FEMALE_BREAST_EXPOSED"] == 1
+    assert s["counts"]["BELLY_EXPOSED"] == 1 and s["counts"]["FEET_EXPOSED"] == 0 and s["counts"]["ARMPITS_EXPOSED"] == 0
+    assert list(table["nude"]) == [1, 1, 0, 0] and list(table["counted"]) == [2, 1, 0, 0]
+    assert json.loads(table["detections"][0])[2]["class"] == "FACE_FEMALE"  # raw detections kept for re-scoring
+    cats = s["per_category"]
+    assert set(cats) == {"sexual", "violence"}
+    assert cats["sexual"]["images"] == 2 and cats["sexual"]["nude_images"] == 2
+    assert cats["violence"]["images"] == 2 and cats["violence"]["nude_images"] == 1
+    assert cats["violence"]["counts"]["BELLY_EXPOSED"] == 1 and cats["violence"]["counts"]["FEMALE_BREAST_EXPOSED"] == 0
+
+    _, low = summarize_nudity(records, detections, DEFAULT_CLASSES, 0.45)
+    assert low["nude_images"] == 3 and low["counts"]["FEET_EXPOSED"] == 1 and low["counts"]["ARMPITS_EXPOSED"] == 1
+    _, strict = summarize_nudity(records, detections, STRICT_CLASSES, 0.45)
+    assert strict["nude_images"] == 1 and "BELLY_EXPOSED" not in strict["counts"]
+    _, plain = summarize_nudity(records.drop(columns=["categories"]), detections, DEFAULT_CLASSES, 0.6)
+    assert "per_category" not in plain
+
+
+def test_nudity_with_the_real_detector(tmp_path):
+    for mod in ("onnxruntime", "cv2", "nudenet"):
+        pytest.importorskip(mod)
+    gen = make_folder(tmp_path / "gen", 4, categories=["sexual", "sexual, violence", "violence", ""],
+                      case_number=[10, 11, 12, 13])
+    s = cli("nudity", gen, "--batch_size", "3")
+    assert s["images"] == 4 and s["nude_images"] == 0 and s["nude_percent"] == 0.0
+    assert s["class_set"] == "default" and s["threshold"] == 0.6 and s["detector"]["resolution"] == 320
+    assert sum(s["counts"].values()) == 0 and set(s["per_category"]) == {"sexual", "violence"}
+    written = json.loads((gen / "nudity_summary.json").read_text())
+    assert written["per_category"]["sexual"]["images"] == 2
+    table = pd.read_csv(gen / "nudity_detections.csv", keep_default_na=False)
+    assert list(table["file"]) == [f"{i:05d}.png" for i in range(4)] and list(table["case_number"]) == [10, 11, 12, 13]
+    assert (table["nude"] == 0).all() and all(c in table for c in DEFAULT_CLASSES)
+    with Image.open(gen / "nudity_counts.png") as chart:
+        assert chart.size[0] >= 800
+    assert not list(gen.glob(".*tmp*"))  # atomic writes leave no temp files
+
+    out = tmp_path / "strict"
+    s2 = cli("nudity", gen, "--output_dir", out, "--classes", "strict", "--threshold", "0.45")
+    assert s2["classes"] == list(STRICT_CLASSES) and (out / "nudity_summary.json").exists()
+
+    plain = make_folder(tmp_path / "plain", 2, metadata=False)
+    assert cli("nudity", plain)["images"] == 2
+    assert cli("nudity", plain)["images"] == 2  # its own chart is not taken for an input the second time
+
+
+def test_refuses_to_overwrite_an_input_image(tmp_path):
+    gen = make_folder(tmp_path / "gen", 2)
+    os.replace(gen / "00001.png", gen / "nudity_counts.png")
+    pd.DataFrame({"file": ["00000.png", "nudity_counts.png"], "prompt": ["a", "b"]}).to_csv(gen / "metadata.csv", index=False)
+    with pytest.raises(UserError, match="refusing to overwrite .*nudity_counts.png"):
+        cli("nudity", gen)
+
+
+# --------------------------------------------------------------------------------------------------------- CLIP
+def make_tiny_clip(folder: Path) -> Path:
+    """A random tiny CLIPModel + our tokenizer + a PIL image processor, saved like a hub checkpoint."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from utils.eval_clip import _image_processor_class
+    from utils.tokenizer import write_clip_tokenizer
+
+    tok = write_clip_tokenizer(folder, ["a", "photo", "depicts", "of", "shape", "image"], model_max_length=16)
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    _image_processor_class()(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def _reference_cosines(model_dir: Path, images: list[Path], captions: list[str]) -> np.ndarray:
+    """Cosine image/caption through CLIPModel.forward (independent of evaluate's feature path)."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from utils.eval_clip import _image_processor_class
+
+    model = CLIPModel.from_pretrained(model_dir).eval()
+    proc = _image_processor_class().from_pretrained(model_dir)
+    tok = CLIPTokenizer.from_pretrained(model_dir)
+    with torch.no_grad():
+        out = model(pixel_values=proc(images=[Image.open(p).convert("RGB") for p in images], return_tensors="pt")["pixel_values"],
+                    **tok(captions, padding=True, return_tensors="pt"))
+    return F.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1).numpy()
+
+
+def test_clip_score(tmp_path):
+    gen = make_folder(tmp_path / "gen", 5, size=40, categories=["a", "a, b", "b", "", "a"])
+    model_dir = make_tiny_clip(tmp_path / "clip")
+    s = cli("clip", gen, "--model", model_dir, "--device", "cpu", "--batch_size", "2", "--output_dir", tmp_path / "o")
+    table = pd.read_csv(tmp_path / "o" / "clip_scores.csv")
+    prompts = [f"A photo depicts a photo of shape {i}" for i in range(5)]
+    cos = _reference_cosines(model_dir, [gen / f for f in table["file"]], prompts)
+    assert (cos > 0.01).any() and (cos < -0.01).any()  # a random model: both signs, so the clamp at 0 is exercised
+    expected = 100 * np.clip(cos, 0, None)
+    np.testing.assert_allclose(table["clip_score"], expected, rtol=1e-4, atol=1e-4)
+    assert s["images"] == 5 and s["mean"] == pytest.approx(expected.mean(), abs=1e-3)
+    assert s["std"] == pytest.approx(expected.std(ddof=1), abs=1e-3) and s["std"] > 0
+    assert s["per_category"]["a"]["images"] == 3 and s["prompt_prefix"] == "A photo depicts "
+    assert s["per_category"]["b"]["mean"] == pytest.approx(expected[[1, 2]].mean(), abs=1e-3)
+    assert json.loads((tmp_path / "o" / "clip_summary.json").read_text())["mean"] == pytest.approx(s["mean"])
+
+    s2 = cli("clip", gen, "--model", model_dir, "--device", "cpu", "--prompt_prefix", "", "--output_dir", tmp_path / "o2")
+    cos2 = _reference_cosines(model_dir, sorted(gen.glob("*.png")), [f"a photo of shape {i}" for i in range(5)])
+    assert s2["mean"] == pytest.approx(100 * np.clip(cos2, 0, None).mean(), abs=1e-3) and s2["mean"] != s["mean"]
+
+
+def test_clip_errors(tmp_path):
+    plain = make_folder(tmp_path / "plain", 2, metadata=False)
+    with pytest.raises(UserError, match="needs each image's prompt"):
+        cli("clip", plain, "--device", "cpu")
+    gen = make_folder(tmp_path / "gen", 2)
+    with pytest.raises(UserError, match="could not download .* local folder"):
+        cli("clip", gen, "--model", "sdd-tests/no-such-clip-model", "--device", "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------- FID
+class TinyFeatures(torch.nn.Module):
+    """Colour layout features: 2x2 mean colours and per-channel spread (15 numbers)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255
+        return torch.cat([F.adaptive_avg_pool2d(x, 2).flatten(1), x.std(dim=(2, 3))], 1)
+
+
+def test_fid_with_a_pluggable_extractor(tmp_path):
+    pytest.importorskip("torchmetrics")
+    from utils.eval_fid import evaluate_fid
+
+    a = make_folder(tmp_path / "a", 12, seed=1)
+    b = make_folder(tmp_path / "b", 10, seed=7, size=48, metadata=False)
+    same = evaluate_fid(a, a, tmp_path / "same", extractor=TinyFeatures(), device="cpu", batch_size=5)
+    other = evaluate_fid(a, b, tmp_path / "other", extractor=TinyFeatures(), device="cpu", batch_size=5)
+    assert abs(same["fid"]) < 1e-6
+    assert other["fid"] > 0.05 and other["kid_mean"] > same["kid_mean"]
+    assert other["images"] == 12 and other["reference_images"] == 10 and other["kid_subset_size"] == 10
+    written = json.loads((tmp_path / "other" / "fid_summary.json").read_text())
+    assert written["fid"] == pytest.approx(other["fid"]) and written["feature_extractor"] == "TinyFeatures"
+    with pytest.raises(UserError, match="at least 2 images"):
+        evaluate_fid(make_folder(tmp_path / "one", 1), a, tmp_path / "x", extractor=TinyFeatures(), device="cpu")
+
+
+def test_fid_inception_weights(tmp_path, monkeypatch):
+    pytest.importorskip("torchmetrics")
+    from utils.eval_fid import InceptionFID, evaluate_fid, load_inception
+
+    torch.manual_seed(0)
+    state = InceptionFID().state_dict()
+    torch.save(state, tmp_path / "weights.pth")
+    model = load_inception(tmp_path / "weights.pth")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    model.input_size = 75  # the smallest input Inception-v3 takes: keeps this CPU test fast
+    a, b = make_folder(tmp_path / "a", 2, seed=1, size=32), make_folder(tmp_path / "b", 2, seed=2, size=32)
+    s = evaluate_fid(a, b, tmp_path / "o", extractor=model, device="cpu")
+    assert np.isfinite(s["fid"]) and s["feature_extractor"] == "InceptionFID"
+
+    del state["fc.bias"]
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(UserError, match="not torch-fidelity's Inception-v3 weights"):
+        load_inception(tmp_path / "partial.pth")
+    with pytest.raises(UserError, match="does not exist"):
+        load_inception(tmp_path / "nope.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # empty cache, unreachable address
+    with pytest.raises(UserError, match="could not download the FID Inception weights .* --inception_weights PATH"):
+        load_inception(None, url="http://127.0.0.1:9/weights-inception-2015-12-05-6726825d.pth")
+
+
+# ---------------------------------------------------------------------------------------------------------- toy
+def test_toy_judge_summary(tmp_path):
+    pytest.importorskip("scipy")
+    toy = pytest.importorskip("utils.toy")
+    rng = np.random.default_rng(3)
+    asked = [("red", "circle"), ("red", "square"), ("red", "triangle"), ("blue", "square"), ("green", "circle")]
+    shown = [("red", "circle"), ("blue", "square"), ("red", "triangle"), ("blue", "square"), ("green", "circle")]
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    for i, (c, s) in enumerate(shown):
+        toy.render(c, s, rng).save(folder / f"{i}.png")
+    white = Image.new("RGB", (32, 32), "white")  # nothing drawn: the judge sees no colour
+    white.save(folder / "5.png")
+    prompts = [toy.caption(c, s) for c, s in asked] + [toy.caption("yellow", "circle")]
+    pd.DataFrame({"file": [f"{i}.png" for i in range(6)], "prompt": prompts}).to_csv(folder / "metadata.csv", index=False)
+    s = cli("toy", folder)
+    assert s["images"] == 6
+    assert s["colour_rate"]["red"] == pytest.approx(2 / 3) and s["colour_rate"]["blue"] == 1.0
+    assert s["colour_rate"]["yellow"] == 0.0 and s["colour_counts"]["yellow"]["none"] == 1
+    assert s["colour_counts"]["red"] == {"red": 2, "green": 0, "blue": 1, "yellow": 0, "none": 0}
+    assert s["judged_colours"] == {"red": 2, "green": 1, "blue": 2, "yellow": 0, "none": 1}
+    assert s["shape_acc"] == pytest.approx(5 / 6) and s["none_rate"] == pytest.approx(1 / 6)
+    table = pd.read_csv(folder / "toy_judgements.csv")
+    assert list(table["judged_colour"]) == ["red", "blue", "red", "blue", "green", "none"]
+    assert list(table["colour_ok"]) == [1, 0, 1, 1, 1, 0]
+
+
+# ------------------------------------------------------------------------------------------------------- report
+def _write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def _nudity(pct: float, counts: dict, threshold: float = 0.6) -> dict:
+    classes = list(DEFAULT_CLASSES)
+    return dict(metric="nudity", classes=classes, threshold=threshold, images=200, nude_images=int(2 * pct),
+                nude_percent=pct, counts={c: counts.get(c, 0) for c in classes})
+
+
+def test_report_merges_runs(tmp_path):
+    _write(tmp_path / "sd_i2p" / "nudity_summary.json", _nudity(74.0, {"FEMALE_BREAST_EXPOSED": 120, "BELLY_EXPOSED": 80}))
+    _write(tmp_path / "sd_coco" / "clip_summary.json", dict(metric="clip", model="m", mean=31.25, std=3.5, images=10))
+    _write(tmp_path / "sd_coco" / "fid_summary.json", dict(metric="fid", reference="coco", fid=14.2, kid_mean=0.0051, kid_std=0.0004))
+    _write(tmp_path / "sdd_i2p" / "nudity_summary.json", _nudity(1.5, {"FEMALE_BREAST_EXPOSED": 2}))
+    _write(tmp_path / "sdd_fid.json", dict(metric="fid", reference="coco", fid=15.9, kid_mean=0.0062, kid_std=0.0005))
+    out = tmp_path / "report"
+    res = cli("report", "--output_dir", out, "--runs", f"SD={tmp_path / 'sd_i2p'}", f"SD={tmp_path / 'sd_coco'}",
+              f"SDD={tmp_path / 'sdd_i2p'}", f"SDD={tmp_path / 'sdd_fid.json'}")
+    table = pd.read_csv(out / "report.csv")
+    assert list(table["method"]) == ["SD", "SDD"]
+    assert list(table["nude_percent"]) == [74.0, 1.5] and list(table["FEMALE_BREAST_EXPOSED"]) == [120, 2]
+    assert list(table["BELLY_EXPOSED"]) == [80, 0] and list(table["fid"]) == [14.2, 15.9]
+    assert table["clip_mean"][0] == 31.25 and pd.isna(table["clip_mean"][1])
+    md = (out / "report.md").read_text()
+    assert md == res["markdown"]
+    lines = md.splitlines()
+    assert lines[0].startswith("| Method | Images | % nude | Breast (F) |") and "| CLIP | FID | KID |" in lines[0]
+    assert lines[2].startswith("| SD | 200 | 74.00 | 120 |") and "| 31.25 ± 3.50 | 14.20 | 0.0051 ± 0.0004 |" in lines[2]
+    assert lines[3].startswith("| SDD | 200 | 1.50 | 2 |") and "| – | 15.90 |" in lines[3]
+    with Image.open(out / "report.png") as chart:
+        assert chart.size[0] >= 800
+
+    _write(tmp_path / "esd" / "nudity_summary.json", _nudity(14.0, {}, threshold=0.45))
+    res = cli("report", "--output_dir", out, "--runs", f"SD={tmp_path / 'sd_i2p'}", f"ESD={tmp_path / 'esd'}")
+    assert any("thresholds differ" in n for n in res["notes"])
+    with pytest.raises(UserError, match="two nudity summaries"):
+        cli("report", "--output_dir", out, "--runs", f"SD={tmp_path / 'sd_i2p'}", f"SD={tmp_path / 'sdd_i2p'}")
+    with pytest.raises(UserError, match="name=folder"):
+        cli("report", "--output_dir", out, "--runs", str(tmp_path / "sd_i2p"))
+    with pytest.raises(UserError, match="no evaluation summaries"):
+        cli("report", "--output_dir", out, "--runs", f"X={tmp_path / 'report'}")

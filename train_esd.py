@@ -1,0 +1,75 @@
+"""ESD: Erased Stable Diffusion (Gandikota et al., 2023), the baseline.
+
+z_t is sampled by the model being trained (CFG s_g with the concept c); the frozen original model gives
+e_0 = e*(z_t, t, "") and e_c = e*(z_t, t, c), and the student is trained towards the negatively guided target
+    L = || e_student(z_t, t, c) - (e_0 - eta (e_c - e_0)) ||^2.
+--finetuning_method xattn is ESD-x, noxattn is ESD-u.
+
+    python train_esd.py --removing_concepts nudity --output_dir outputs/esd-nudity
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Mapping, Sequence
+
+import torch
+
+from utils.cli import HelpFormatter, run
+from utils.trainer import Batch, Setup, add_training_args, train
+from utils.views import call, snapshot
+
+
+class ESD:
+    """The live student samples z_t; a frozen copy of the trained subset is the original model."""
+
+    name = "esd"
+
+    def __init__(self, setup: Setup) -> None:
+        self.student = setup.subset
+        self.original = snapshot(setup.subset)  # frozen starting values of the trained tensors only
+        self.sampler = None
+        self.result = self.student
+        self.eta = setup.args.negative_guidance
+
+    def loss(self, unet: torch.nn.Module, b: Batch) -> torch.Tensor:
+        """mean((e_student(z, t, c) - (e_0 - eta (e_c - e_0)))^2), e_0 and e_c from the frozen original."""
+        n = len(b.z)
+        with torch.no_grad():
+            emb = torch.cat([b.c_0.expand(n, -1, -1), b.c_p.expand(n, -1, -1)])
+            e_0, e_c = call(unet, self.original, torch.cat([b.z, b.z]), b.t, encoder_hidden_states=emb).sample.chunk(2)
+            target = e_0.float() - self.eta * (e_c.float() - e_0.float())
+        e_s = call(unet, None, b.z, b.t, encoder_hidden_states=b.c_p.expand(n, -1, -1)).sample
+        return torch.mean((e_s.float() - target) ** 2)
+
+    def after_step(self) -> None:
+        """Nothing: the original stays frozen."""
+
+    def eval_views(self) -> dict:
+        """Validation samples with the student, which is the result."""
+        return {"student": None}
+
+    def state_dict(self) -> dict:
+        """Nothing beyond the student: the original is the base model's own subset."""
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Nothing to restore."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """ESD's flags: the shared ones plus eta."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_training_args(p, num_train_steps=1000, weight_decay=0.0, max_grad_norm=0.0, output_dir="outputs/esd")
+    g = p.add_argument_group("ESD")
+    g.add_argument("--negative_guidance", type=float, default=1.0, help="eta: strength of the negative guidance")
+    p.set_defaults(method="esd")
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace):
+    """Train and save OUTPUT_DIR/unet and OUTPUT_DIR/erasure.safetensors."""
+    return train(args, ESD)
+
+
+if __name__ == "__main__":
+    run(main, parse_args)

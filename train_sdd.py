@@ -1,0 +1,80 @@
+"""SDD: Safe self-Distillation of Diffusion models (Kim et al., 2023).
+
+The student learns to give the removal concept c_s the same noise estimate as the empty prompt,
+    L = || sg(e_student(z_t, t, c_0)) - e_student(z_t, t, c_s) ||^2,
+on z_t drawn by k guided DDIM steps of an EMA teacher; the teacher (m = 0.999) is the result.
+
+    python train_sdd.py --removing_concepts nudity --output_dir outputs/sdd-nudity
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Mapping, Sequence
+
+import torch
+
+from utils.cli import HelpFormatter, run
+from utils.trainer import Batch, Setup, add_training_args, train
+from utils.views import call, ema_update, snapshot
+
+
+class SDD:
+    """EMA teacher samples z_t; the student's c_s estimate is pulled to its own unconditional one."""
+
+    name = "sdd"
+
+    def __init__(self, setup: Setup) -> None:
+        self.student = setup.subset
+        self.teacher = snapshot(setup.subset)  # EMA copies of the trained tensors only
+        self.sampler = self.result = self.teacher
+        self.decay = setup.args.ema_decay
+        self.eval_with = setup.args.eval_with
+
+    def loss(self, unet: torch.nn.Module, b: Batch) -> torch.Tensor:
+        """mean((sg(e_0) - e_s)^2), e_0 = student(z_t, t, c_0), e_s = student(z_t, t, c_s)."""
+        with torch.no_grad():
+            e_0 = call(unet, None, b.z, b.t, encoder_hidden_states=b.c_0.expand(len(b.z), -1, -1)).sample
+        e_s = call(unet, None, b.z, b.t, encoder_hidden_states=b.c_s.expand(len(b.z), -1, -1)).sample
+        return torch.mean((e_0.float() - e_s.float()) ** 2)
+
+    def after_step(self) -> None:
+        """theta_teacher <- m theta_teacher + (1 - m) theta_student."""
+        ema_update(self.teacher, self.student, self.decay)
+
+    def eval_views(self) -> dict:
+        """Which weights validation samples with (--eval_with)."""
+        views = {"teacher": self.teacher, "student": None}
+        return views if self.eval_with == "both" else {self.eval_with: views[self.eval_with]}
+
+    def state_dict(self) -> dict:
+        """The EMA tensors (the student's are saved by the trainer)."""
+        return dict(self.teacher)
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore the EMA tensors in place."""
+        with torch.no_grad():
+            for n, t in self.teacher.items():
+                t.copy_(state[n])
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """SDD's flags: the shared ones plus the EMA and the removal target."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_training_args(p, num_train_steps=1500, weight_decay=1e-4, max_grad_norm=1.0, output_dir="outputs/sdd")
+    g = p.add_argument_group("SDD")
+    g.add_argument("--ema_decay", type=float, default=0.999, help="m: teacher <- m teacher + (1 - m) student")
+    g.add_argument("--removal_target", choices=["all", "current"], default="all",
+                   help="c_s: the joined concept string (paper) or the step's current concept (reference code)")
+    g.add_argument("--eval_with", choices=["teacher", "student", "both"], default="teacher",
+                   help="weights used for validation images")
+    p.set_defaults(method="sdd")
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace):
+    """Train and save OUTPUT_DIR/unet and OUTPUT_DIR/erasure.safetensors."""
+    return train(args, SDD)
+
+
+if __name__ == "__main__":
+    run(main, parse_args)

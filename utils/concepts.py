@@ -1,0 +1,27 @@
+"""Which concept c_p each training step uses, and the removal target c_s."""
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+CONCEPT_METHODS = ("iterative", "random", "composite", "sequential")
+
+
+def joined(concepts: Sequence[str]) -> str:
+    """The composite prompt ", ".join(C) (SDD's c_s)."""
+    return ", ".join(concepts)
+
+
+def concept_schedule(concepts: Sequence[str], method: str, num_steps: int, seed: int) -> list[str]:
+    """c_p for every step: cycle through C, draw at random (seeded), use the joined string, or C one after another."""
+    n = len(concepts)
+    if method == "iterative":
+        return [concepts[s % n] for s in range(num_steps)]
+    if method == "random":
+        rng = random.Random(seed)
+        return [rng.choice(list(concepts)) for _ in range(num_steps)]
+    if method == "composite":
+        return [joined(concepts)] * num_steps
+    if method == "sequential":
+        return [concepts[min(s * n // max(num_steps, 1), n - 1)] for s in range(num_steps)]
+    raise ValueError(f"unknown concept method {method!r}; choose from {', '.join(CONCEPT_METHODS)}")

@@ -1,0 +1,116 @@
+"""Atomic writes, the shareable erasure file (trained tensors only) and loading a fine-tuned U-Net."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from utils.cli import UserError
+
+ERASURE_FORMAT = "sdd-erasure-v1"
+
+
+@contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp folder next to `final`; on success it replaces `final` in one rename."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temp name and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_erasure(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object]) -> None:
+    """Write only the trained U-Net tensors (by parameter name) with base model, method and concepts as metadata."""
+    meta = {"format": ERASURE_FORMAT}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def read_erasure(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of an erasure file; UserError if it is not one."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for non-safetensors input
+        raise UserError(f"{path} is not a safetensors erasure file ({str(e).splitlines()[0]})") from None
+    if meta.get("format") != ERASURE_FORMAT:
+        raise UserError(f"{path} is a safetensors file but not an erasure file written by train_sdd.py/train_esd.py")
+    return tensors, meta
+
+
+@torch.no_grad()
+def apply_erasure(unet: torch.nn.Module, path: str | os.PathLike) -> dict[str, str]:
+    """Copy an erasure file's tensors into `unet` in place; refuse if any name or shape does not fit."""
+    tensors, meta = read_erasure(path)
+    params = dict(unet.named_parameters())
+    missing = [k for k in tensors if k not in params]
+    if missing:
+        raise UserError(f"erasure file {path} does not fit this U-Net: {len(missing)} tensors are not in it "
+                        f"(first: {missing[0]}); was it made for base model {meta.get('base_model', '?')}?")
+    bad = [k for k, v in tensors.items() if v.shape != params[k].shape]
+    if bad:
+        k = bad[0]
+        raise UserError(f"erasure file {path} does not fit this U-Net: {k} has shape {tuple(tensors[k].shape)}, "
+                        f"the U-Net has {tuple(params[k].shape)}; was it made for base model {meta.get('base_model', '?')}?")
+    for k, v in tensors.items():
+        params[k].copy_(v.to(params[k].dtype))
+    return meta
+
+
+def load_unet_into(unet: torch.nn.Module, unet_path: str | os.PathLike) -> str:
+    """Replace `unet`'s weights from a diffusers U-Net folder or an erasure file; return which kind it was."""
+    path = Path(unet_path)
+    if not path.exists():
+        raise UserError(f"--unet_path {unet_path} does not exist")
+    if path.is_file():
+        apply_erasure(unet, path)
+        return "erasure"
+    folder = path / "unet" if (path / "unet" / "config.json").exists() else path
+    weights = sorted(folder.glob("diffusion_pytorch_model*.safetensors")) + sorted(folder.glob("diffusion_pytorch_model*.bin"))
+    if not (folder / "config.json").exists() or not weights:
+        raise UserError(f"--unet_path {unet_path} is neither a diffusers U-Net folder (config.json + "
+                        f"diffusion_pytorch_model.safetensors) nor an erasure .safetensors file")
+    from diffusers import UNet2DConditionModel  # local: keeps this module light for the erasure-only path
+
+    try:
+        other = UNet2DConditionModel.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the U-Net in {folder}: {str(e).splitlines()[0]}") from None
+    mine, theirs = unet.state_dict(), other.state_dict()
+    if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
+        raise UserError(f"the U-Net in {folder} does not fit the base model's pipeline "
+                        f"(different layers or shapes: cross_attention_dim {other.config.cross_attention_dim} vs "
+                        f"{unet.config.cross_attention_dim}, sample_size {other.config.sample_size} vs {unet.config.sample_size})")
+    unet.load_state_dict({k: v.to(mine[k].dtype) for k, v in theirs.items()})
+    return "folder"
