@@ -36,7 +36,8 @@ class ESD:
         n = len(b.z)
         with torch.no_grad():
             emb = torch.cat([b.c_0.expand(n, -1, -1), b.c_p.expand(n, -1, -1)])
-            e_0, e_c = call(unet, self.original, torch.cat([b.z, b.z]), b.t, encoder_hidden_states=emb).sample.chunk(2)
+            t = b.t.repeat(2) if b.t.ndim else b.t
+            e_0, e_c = call(unet, self.original, torch.cat([b.z, b.z]), t, encoder_hidden_states=emb).sample.chunk(2)
             target = e_0.float() - self.eta * (e_c.float() - e_0.float())
         e_s = call(unet, None, b.z, b.t, encoder_hidden_states=b.c_p.expand(n, -1, -1)).sample
         return torch.mean((e_s.float() - target) ** 2)

@@ -299,7 +299,7 @@ def test_fid_with_a_pluggable_extractor(tmp_path):
 
 def test_fid_inception_weights(tmp_path, monkeypatch):
     pytest.importorskip("torchmetrics")
-    from utils.eval_fid import InceptionFID, evaluate_fid, load_inception
+    from utils.eval_fid import InceptionFID, load_inception
 
     torch.manual_seed(0)
     state = InceptionFID().state_dict()
@@ -307,9 +307,11 @@ def test_fid_inception_weights(tmp_path, monkeypatch):
     model = load_inception(tmp_path / "weights.pth")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     model.input_size = 75  # the smallest input Inception-v3 takes: keeps this CPU test fast
-    a, b = make_folder(tmp_path / "a", 2, seed=1, size=32), make_folder(tmp_path / "b", 2, seed=2, size=32)
-    s = evaluate_fid(a, b, tmp_path / "o", extractor=model, device="cpu")
-    assert np.isfinite(s["fid"]) and s["feature_extractor"] == "InceptionFID"
+    with torch.no_grad():
+        features = model(torch.randint(0, 256, (2, 3, 40, 30), dtype=torch.uint8))
+    assert features.shape == (2, 2048) and torch.isfinite(features).all()
+    with pytest.raises(ValueError, match="uint8"):
+        model(torch.rand(1, 3, 40, 40))
 
     del state["fc.bias"]
     torch.save(state, tmp_path / "partial.pth")

@@ -20,7 +20,7 @@ import train_sdd
 from utils.cli import UserError
 from utils.concepts import concept_schedule
 from utils.params import FINETUNING_METHODS, trainable_parameters
-from utils.sampling import partial_trajectory
+from utils.sampling import partial_trajectory, trajectory_points
 from utils.tiny import tiny_unet
 from utils.trainer import Setup
 from utils.views import call, ema_update, snapshot
@@ -147,6 +147,29 @@ def test_partial_sampling_timestep_and_number_of_steps(k):
     assert torch.equal(z, z_T) == (k == 0) and z.shape == z_T.shape
     with pytest.raises(ValueError):
         partial_trajectory(unet, None, sched, z_T, torch.randn(1, 16, 32), torch.randn(1, 16, 32), 3.0, n)
+
+
+def test_trajectory_points_equal_separate_partial_trajectories():
+    unet = tiny_unet()
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    sched.set_timesteps(5)
+    z_T, c, u = torch.randn(2, 4, 8, 8), torch.randn(1, 16, 32), torch.randn(1, 16, 32)
+    zs, ts = trajectory_points(unet, None, sched, z_T, c, u, 3.0, [0, 2, 4])
+    assert zs.shape == (6, 4, 8, 8) and ts.tolist() == [int(sched.timesteps[k]) for k in (0, 0, 2, 2, 4, 4)]
+    for i, k in enumerate([0, 2, 4]):
+        z, t = partial_trajectory(unet, None, sched, z_T, c, u, 3.0, k)
+        assert torch.allclose(zs[2 * i:2 * i + 2], z, atol=1e-6) and int(t) == int(ts[2 * i])
+
+
+@pytest.mark.parametrize("script", ["sdd", "esd"])
+def test_trajectory_samples_flag_trains(tiny_pipeline, tmp_path, script):
+    mod, make = (train_sdd, sd_args) if script == "sdd" else (train_esd, esd_args)
+    out = mod.main(make(tiny_pipeline, tmp_path / "o", "--trajectory_samples", "3", "--timestep_jitter",
+                        "--train_batch_size", "2", "--learning_rate", "1e-3"))
+    assert moved(tiny_pipeline, out)
+    with pytest.raises(UserError, match="trajectory_samples"):
+        mod.main(make(tiny_pipeline, tmp_path / "p", "--trajectory_samples", "5"))
 
 
 def test_v_prediction_model_trains_and_samples(tiny_vpred_pipeline, tmp_path):

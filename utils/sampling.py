@@ -1,6 +1,8 @@
 """Guided DDIM sampling with any weight view, stopped after k of N steps (SDD's z_t), and latent decoding."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from utils.views import View, call
@@ -18,9 +20,9 @@ def guided_noise(unet: torch.nn.Module, view: View | None, z: torch.Tensor, t: t
 
 @torch.no_grad()
 def ddim_sample(unet: torch.nn.Module, view: View | None, scheduler, z: torch.Tensor, cond: torch.Tensor,
-                uncond: torch.Tensor, scale: float, steps: int | None = None) -> torch.Tensor:
-    """Run the first `steps` DDIM steps of `scheduler.timesteps` (all when None) from z (eta = 0)."""
-    for t in scheduler.timesteps[:steps]:
+                uncond: torch.Tensor, scale: float, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Run the guided DDIM steps timesteps[start:stop] (default: all) from z (eta = 0)."""
+    for t in scheduler.timesteps[start:stop]:
         e = guided_noise(unet, view, z, t, cond, uncond, scale)
         z = scheduler.step(e, t, z).prev_sample.to(z.dtype)
     return z
@@ -29,16 +31,32 @@ def ddim_sample(unet: torch.nn.Module, view: View | None, scheduler, z: torch.Te
 def partial_trajectory(unet: torch.nn.Module, view: View | None, scheduler, z_T: torch.Tensor, cond: torch.Tensor,
                        uncond: torch.Tensor, scale: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """z_t after k guided DDIM steps and its timestep t = timesteps[k] (k = 0: z_T itself at the first timestep)."""
+    z, t = trajectory_points(unet, view, scheduler, z_T, cond, uncond, scale, [k])
+    return z, t[0]
+
+
+@torch.no_grad()
+def trajectory_points(unet: torch.nn.Module, view: View | None, scheduler, z_T: torch.Tensor, cond: torch.Tensor,
+                      uncond: torch.Tensor, scale: float, ks: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """z at each DDIM step in `ks` of one guided trajectory (max(ks) steps in all), stacked, with their timesteps."""
     timesteps = scheduler.timesteps
-    if not 0 <= k < len(timesteps):
-        raise ValueError(f"k must be in [0, {len(timesteps) - 1}], got {k}")
-    return ddim_sample(unet, view, scheduler, z_T, cond, uncond, scale, steps=k), timesteps[k]
+    if not all(0 <= k < len(timesteps) for k in ks):
+        raise ValueError(f"every k must be in [0, {len(timesteps) - 1}], got {list(ks)}")
+    keep, z = {}, z_T
+    for i in range(max(ks) + 1):
+        if i in ks:
+            keep[i] = z
+        if i < max(ks):
+            z = ddim_sample(unet, view, scheduler, z, cond, uncond, scale, start=i, stop=i + 1)
+    zs = torch.cat([keep[k] for k in ks])
+    ts = torch.cat([timesteps[k].repeat(len(z_T)) for k in ks])
+    return zs, ts
 
 
 def jitter_timestep(t: torch.Tensor, scheduler, generator: torch.Generator) -> torch.Tensor:
     """A DDPM timestep drawn uniformly from t's DDIM bucket (t - stride, t], stride = T / N."""
     stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    offset = int(torch.randint(0, stride, (1,), generator=generator))
+    offset = torch.randint(0, stride, t.shape, generator=generator).to(t.device)
     return (t - offset).clamp(min=0)
 
 

@@ -26,7 +26,7 @@ from utils.concepts import CONCEPT_METHODS, concept_schedule, joined
 from utils.images import image_grid, save_png, to_pil
 from utils.models import SDParts, cast, from_pretrained, load_sd_parts
 from utils.params import FINETUNING_METHODS, describe, trainable_parameters
-from utils.sampling import ddim_sample, decode_latents, jitter_timestep, partial_trajectory
+from utils.sampling import ddim_sample, decode_latents, jitter_timestep, trajectory_points
 from utils.saving import atomic_dir, atomic_write_text, save_erasure
 from utils.text import encode_once, read_word_list
 from utils.views import View, swapped_in
@@ -51,6 +51,9 @@ def add_training_args(p: argparse.ArgumentParser, *, num_train_steps: int, weigh
                    help="how c_p is chosen each step: cycle, random, the joined string, or one concept after another")
     g.add_argument("--guidance_scale", type=float, default=3.0, help="s_g: CFG scale used to sample z_t")
     g.add_argument("--num_ddim_steps", type=int, default=50, help="N: DDIM steps of the sampling trajectory")
+    g.add_argument("--trajectory_samples", type=int, default=1,
+                   help="M: train on M distinct steps of each sampled trajectory (amortises the teacher; opt-in, "
+                        "changes the training distribution; see README 'Performance')")
     g.add_argument("--timestep_jitter", action="store_true",
                    help="train at a DDPM timestep drawn inside t's DDIM bucket instead of t (reference code)")
     g = p.add_argument_group("optimization")
@@ -248,6 +251,8 @@ def train(args: argparse.Namespace, make_method: Callable[[Setup], Method]) -> P
     out = Path(args.output_dir)
     concepts = read_word_list(args.removing_concepts, "concepts (--removing_concepts)")
     val_prompts = read_word_list(args.validation_prompts, "validation prompts") if args.validation_prompts else []
+    if not 1 <= args.trajectory_samples <= args.num_ddim_steps:
+        raise UserError(f"--trajectory_samples must be in [1, --num_ddim_steps], got {args.trajectory_samples}")
     for flag in ("num_train_steps", "num_ddim_steps", "train_batch_size", "gradient_accumulation_steps",
                  "checkpointing_steps", "validation_steps", "num_validation_images"):
         if getattr(args, flag) < 1:
@@ -325,11 +330,13 @@ def train(args: argparse.Namespace, make_method: Callable[[Setup], Method]) -> P
             c_s = joined(concepts) if getattr(args, "removal_target", "all") == "all" else c_p
             total = 0.0
             for _ in range(args.gradient_accumulation_steps):
-                k = int(torch.randint(0, args.num_ddim_steps, (1,), generator=generator))
+                # k ~ U[0, N-1] (M distinct values with --trajectory_samples M), z_T ~ N(0, I)
+                ks = torch.randperm(args.num_ddim_steps, generator=generator)[:args.trajectory_samples].sort().values
                 z_T = torch.randn((args.train_batch_size, *latent_shape), generator=generator).to(device)
                 with autocast():
-                    z, t = partial_trajectory(unet, method.sampler, parts.scheduler, z_T, embeds[c_p], c_0,
-                                              args.guidance_scale, k)
+                    z, t = trajectory_points(unet, method.sampler, parts.scheduler, z_T, embeds[c_p], c_0,
+                                             args.guidance_scale, ks.tolist())
+                k = int(ks[-1])
                 if args.timestep_jitter:
                     t = jitter_timestep(t, parts.scheduler, generator)
                 with autocast():
@@ -353,7 +360,7 @@ def train(args: argparse.Namespace, make_method: Callable[[Setup], Method]) -> P
 
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4g}", concept=c_p[:20], k=k)
-            logger.info("step %d loss %.6g concept %r k %d t %d lr %.3g", step, total, c_p, k, int(t),
+            logger.info("step %d loss %.6g concept %r k %d t %d lr %.3g", step, total, c_p, k, int(t.min()),
                         lr_scheduler.get_last_lr()[0])
             if step % args.checkpointing_steps == 0 or (stop.raised and step < args.num_train_steps):
                 last_ckpt = save_checkpoint(out, step, subset, method, optimizer, lr_scheduler, scaler, generator,

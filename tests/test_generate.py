@@ -1,0 +1,275 @@
+"""generate.py on the tiny pipeline: modes, batching, resume, shards, accelerate, --unet_path and bad input."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from PIL import Image
+
+from generate import MODES, main, parse_args
+from utils.cli import UserError
+from utils.saving import save_erasure
+from utils.tiny import tiny_unet
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = "2"
+
+
+def generate(model: Path, prompt_path: Path, image_dir: Path, *flags: str) -> dict:
+    """Run generate.py's main in-process with tiny settings."""
+    return main(parse_args(["--pretrained_model_name_or_path", str(model), "--prompt_path", str(prompt_path),
+                            "--image_dir", str(image_dir), "--num_inference_steps", STEPS, *flags]))
+
+
+def pixels(path: Path) -> np.ndarray:
+    """The PNG's pixels."""
+    with Image.open(path) as im:
+        return np.asarray(im).copy()
+
+
+def pngs(folder: Path) -> list[str]:
+    """The PNG names in a folder (no temp files)."""
+    return sorted(p.name for p in folder.glob("*.png"))
+
+
+def assert_same_images(a: Path, b: Path, names: list[str] | None = None) -> None:
+    """Same PNG names (or the given ones) with the same pixels in both folders."""
+    names = names or pngs(a)
+    if names == pngs(a):
+        assert pngs(b) == names
+    for name in names:
+        assert np.array_equal(pixels(a / name), pixels(b / name)), name
+
+
+def metadata(folder: Path) -> pd.DataFrame:
+    """metadata.csv as text cells."""
+    return pd.read_csv(folder / "metadata.csv", dtype=str, keep_default_na=False)
+
+
+@pytest.fixture(scope="module")
+def prompt_csv(tmp_path_factory) -> Path:
+    """Four prompts: two guidance scales (one from the flag), a seed from the file, and a carried column."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.csv"
+    path.write_text("prompt,evaluation_seed,evaluation_guidance,tag\n"
+                    "a photo of a cat,11,,x\n"
+                    "red circle,,5,y\n"
+                    "green square dog,,,z\n"
+                    "a nude body,42,5,w\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pipeline, prompt_csv, tmp_path_factory) -> Path:
+    """One single-process run: 4 prompts x 2 images, batch size 4."""
+    out = tmp_path_factory.mktemp("ref") / "images"
+    summary = generate(tiny_pipeline, prompt_csv, out, "--num_images_per_prompt", "2", "--batch_size", "4")
+    assert summary["written"] == 8 and summary["skipped"] == 0
+    return out
+
+
+def test_reference_output(reference):
+    assert pngs(reference) == [f"{i:05d}_{j}.png" for i in range(4) for j in range(2)]
+    assert {p.name for p in reference.iterdir()} >= {"metadata.csv", "args.json", "generate.log",
+                                                    "metadata-00000-00004.csv"}
+    assert not list(reference.glob(".*.tmp*"))
+    meta = metadata(reference)
+    assert list(meta.columns) == ["file", "prompt", "seed", "guidance", "mode", "config", "unet", "tag"]
+    assert list(meta["file"]) == pngs(reference)
+    assert list(meta["seed"]) == ["11", "11", "1", "1", "2", "2", "42", "42"]  # file seed, else --seed 0 + index
+    assert list(meta["guidance"]) == ["7.5", "7.5", "5.0", "5.0", "7.5", "7.5", "5.0", "5.0"]
+    assert set(meta["mode"]) == {"sd"} and set(meta["config"]) == {"none"} and set(meta["unet"]) == {"base"}
+    assert pixels(reference / "00000_0.png").shape == (16, 16, 3)  # sample_size 8 x VAE scale 2
+    assert not np.array_equal(pixels(reference / "00000_0.png"), pixels(reference / "00000_1.png"))
+
+
+def test_batch_1_equals_batch_4(tiny_pipeline, prompt_csv, reference, tmp_path):
+    generate(tiny_pipeline, prompt_csv, tmp_path, "--num_images_per_prompt", "2", "--batch_size", "1")
+    assert_same_images(reference, tmp_path)
+    pd.testing.assert_frame_equal(metadata(reference), metadata(tmp_path))
+
+
+def test_resume_skips_and_rewrites_nothing(tiny_pipeline, prompt_csv, reference, tmp_path):
+    out = tmp_path / "images"
+    shutil.copytree(reference, out)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    summary = generate(tiny_pipeline, prompt_csv, out, "--num_images_per_prompt", "2")
+    assert summary["written"] == 0 and summary["skipped"] == 8
+    for name in pngs(out) + ["metadata.csv"]:
+        assert out.joinpath(name).stat().st_mtime_ns == mtimes[name], name
+    # a lost image is redone alone; a third image per prompt leaves images 0 and 1 as they were
+    (out / "00002_1.png").unlink()
+    summary = generate(tiny_pipeline, prompt_csv, out, "--num_images_per_prompt", "3")
+    assert summary["written"] == 5 and summary["skipped"] == 7
+    assert_same_images(reference, out, pngs(reference))
+    assert len(metadata(out)) == 12 and list(metadata(out)["file"]) == pngs(out)
+    for name in pngs(reference):
+        if name != "00002_1.png":
+            assert out.joinpath(name).stat().st_mtime_ns == mtimes[name], name
+    # --overwrite redoes them with the same pixels
+    summary = generate(tiny_pipeline, prompt_csv, out, "--end", "1", "--overwrite")
+    assert summary["written"] == 1 and out.joinpath("00000_0.png").stat().st_mtime_ns != mtimes["00000_0.png"]
+    assert_same_images(reference, out, ["00000_0.png"])
+
+
+def test_other_settings_in_the_same_folder_are_refused(tiny_pipeline, prompt_csv, reference, tmp_path):
+    out = tmp_path / "images"
+    shutil.copytree(reference, out)
+    with pytest.raises(UserError, match="guidance_scale"):
+        generate(tiny_pipeline, prompt_csv, out, "--guidance_scale", "3")
+
+
+def test_two_shards_equal_one_run(tiny_pipeline, prompt_csv, reference, tmp_path):
+    generate(tiny_pipeline, prompt_csv, tmp_path, "--num_images_per_prompt", "2", "--end", "3", "--batch_size", "3")
+    generate(tiny_pipeline, prompt_csv, tmp_path, "--num_images_per_prompt", "2", "--start", "3", "--end", "99")
+    assert {p.name for p in tmp_path.glob("metadata-*.csv")} == {"metadata-00000-00003.csv", "metadata-00003-00004.csv"}
+    assert_same_images(reference, tmp_path)
+    pd.testing.assert_frame_equal(metadata(reference), metadata(tmp_path))
+
+
+def test_accelerate_two_processes_equal_one(tiny_pipeline, prompt_csv, reference, tmp_path):
+    # accelerate's `--cpu` launcher starts one process (several need mpirun), so on the CPU two processes are
+    # started with its torchrun-based launcher and --device cpu (PartialState then uses gloo).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(ROOT / "generate.py"), "--pretrained_model_name_or_path", str(tiny_pipeline), "--prompt_path",
+           str(prompt_csv), "--image_dir", str(tmp_path), "--num_inference_steps", STEPS, "--num_images_per_prompt",
+           "2", "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[process 1/2] wrote 4 images" in proc.stdout and "[process 0/2] wrote 4 images" in proc.stdout
+    assert {p.name for p in tmp_path.glob("metadata-*.csv")} == {"metadata-00000-00002.csv", "metadata-00002-00004.csv"}
+    assert_same_images(reference, tmp_path)
+    pd.testing.assert_frame_equal(metadata(reference), metadata(tmp_path))
+
+
+@pytest.mark.parametrize("mode,config", [(m, c) for m in MODES for c in MODES[m].configs])
+def test_every_mode_and_config(tiny_pipeline, prompt_csv, reference, tmp_path, mode, config):
+    summary = generate(tiny_pipeline, prompt_csv, tmp_path, "--end", "2", "--pipeline_type", mode,
+                       "--pipeline_config", config, "--edit_warmup_steps", "0", "--safety_concept", "nude body")
+    assert summary["written"] == 2
+    assert pngs(tmp_path) == ["00000_0.png", "00001_0.png"]
+    meta = metadata(tmp_path)
+    assert list(meta["mode"]) == [mode] * 2 and list(meta["config"]) == [config] * 2
+    same = np.array_equal(pixels(reference / "00000_0.png"), pixels(tmp_path / "00000_0.png"))
+    # weak/medium/strong SLD only starts after 7+ warm-up steps, so with 2 steps it equals plain SD
+    assert same == (config in ("none", "weak", "medium", "strong")), (mode, config)
+
+
+def test_default_config_and_safety_concept():
+    args = parse_args(["--prompt_path", "p.txt", "--image_dir", "x", "--pipeline_type", "sld"])
+    assert args.pipeline_config is None and args.safety_concept.startswith("an image showing hate")
+    assert MODES["sld"].configs["max"](args)["sld_guidance_scale"] == 5000
+
+
+def test_i2p_shaped_csv(tiny_pipeline, tmp_path, capsys):
+    long = "a photo of a cat, " * 10 + "art by gregory crewdson"
+    csv = tmp_path / "i2p.csv"
+    csv.write_text(",prompt,categories,hard,nudity_percentage,evaluation_seed,evaluation_guidance,case_number\n"
+                   f'0,"{long}","violence, self-harm",1,0.0,4261553411,13,17\n'
+                   '1,"digging my own grave 🪦, science fiction",self-harm,0,,4080709695,7,3\n'
+                   '2,,sexual,1,nan,,13,250\n'
+                   '3,"weird (nude) body :: 1.5 !!! 🤔",sexual,0,NaN,12,7,4\n', encoding="utf-8")
+    for mode in ("sd", "sega"):  # SEGA cannot batch prompts of different token lengths unless we cut them first
+        out = tmp_path / mode
+        summary = generate(tiny_pipeline, csv, out, "--batch_size", "4", "--pipeline_type", mode)
+        assert summary["written"] == 4 and summary["truncated"] >= 1
+        assert pngs(out) == ["00003_0.png", "00004_0.png", "00017_0.png", "00250_0.png"]
+        meta = metadata(out)
+        assert list(meta.columns) == ["file", "prompt", "seed", "guidance", "mode", "config", "unet", "categories",
+                                      "hard", "nudity_percentage", "case_number"]
+        assert meta.set_index("file").loc["00017_0.png", "prompt"] == long
+        assert meta.set_index("file").loc["00003_0.png", "prompt"] == "digging my own grave 🪦, science fiction"
+        assert list(meta["seed"]) == ["4080709695", "12", "4261553411", "2"]
+        assert list(meta["guidance"]) == ["7.0", "7.0", "13.0", "13.0"]
+        assert list(meta["categories"]) == ["self-harm", "sexual", "violence, self-harm", "sexual"]
+    printed = capsys.readouterr().out
+    assert printed.count(f"{summary['truncated']} prompts longer than 16 tokens were truncated") == 2
+    assert "truncated because CLIP" not in printed
+
+
+@pytest.fixture(scope="module")
+def erased(tiny_pipeline, tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny U-Net with its attn2 weights perturbed, as an erasure file and as a U-Net folder."""
+    folder = tmp_path_factory.mktemp("erased")
+    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline / "unet")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        trained = {k: p.add_(torch.randn(p.shape, generator=gen)) for k, p in unet.named_parameters() if ".attn2." in k}
+    save_erasure(folder / "erasure.safetensors", trained,
+                 {"base_model": str(tiny_pipeline), "method": "sdd", "concepts": ["nudity"]})
+    unet.save_pretrained(folder / "unet")
+    return folder / "erasure.safetensors", folder / "unet"
+
+
+def test_unet_path_file_and_folder(tiny_pipeline, prompt_csv, reference, erased, tmp_path):
+    for kind, path in zip(("file", "folder"), erased):
+        generate(tiny_pipeline, prompt_csv, tmp_path / kind, "--end", "2", "--unet_path", str(path))
+        assert list(metadata(tmp_path / kind)["unet"]) == [str(path)] * 2
+    assert_same_images(tmp_path / "file", tmp_path / "folder")  # the same weights either way
+    assert not np.array_equal(pixels(reference / "00000_0.png"), pixels(tmp_path / "file" / "00000_0.png"))
+    # and with another mode
+    generate(tiny_pipeline, prompt_csv, tmp_path / "sld", "--end", "1", "--unet_path", str(erased[0]),
+             "--pipeline_type", "sld", "--pipeline_config", "weak")
+    assert_same_images(tmp_path / "file", tmp_path / "sld", ["00000_0.png"])
+
+
+def bad_unet_folder(tmp_path: Path) -> Path:
+    """A U-Net whose cross-attention width does not fit the tiny text encoder."""
+    tiny_unet(cross_attention_dim=16).save_pretrained(tmp_path / "other-unet")
+    return tmp_path / "other-unet"
+
+
+def bad_erasure_file(tmp_path: Path) -> Path:
+    """An erasure file with a tensor of the wrong shape."""
+    save_erasure(tmp_path / "bad.safetensors", {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight":
+                                                torch.zeros(3, 3)}, {"base_model": "x", "method": "sdd", "concepts": []})
+    return tmp_path / "bad.safetensors"
+
+
+@pytest.mark.parametrize("case,flags,message", [
+    ("missing prompts", ["--prompt_path", "{tmp}/nope.txt"], "does not exist"),
+    ("no prompt column", ["--prompt_path", "{tmp}/noprompt.csv"], "no `prompt` column"),
+    ("empty prompts", ["--prompt_path", "{tmp}/empty.txt"], "holds no prompts"),
+    ("config of another mode", ["--pipeline_type", "sd", "--pipeline_config", "max"], "does not exist for"),
+    ("range selects nothing", ["--start", "4"], "select none"),
+    ("not a U-Net", ["--unet_path", "{tmp}/noprompt.csv"], "not a safetensors erasure file"),
+    ("empty folder", ["--unet_path", "{tmp}"], "neither a diffusers U-Net folder"),
+    ("missing unet", ["--unet_path", "{tmp}/nope"], "does not exist"),
+    ("U-Net of another model", ["--unet_path", "{bad_unet}"], "does not fit"),
+    ("erasure of another model", ["--unet_path", "{bad_erasure}"], "does not fit"),
+    ("odd size", ["--height", "15"], "multiples of 2"),
+])
+def test_bad_input_writes_nothing(tiny_pipeline, prompt_csv, tmp_path, case, flags, message):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "noprompt.csv").write_text("text\na cat\n")
+    (inputs / "empty.txt").write_text("\n\n")
+    subs = {"tmp": str(inputs), "bad_unet": str(bad_unet_folder(tmp_path)) if "U-Net of" in case else "",
+            "bad_erasure": str(bad_erasure_file(tmp_path)) if "erasure of" in case else ""}
+    flags = [f.format(**subs) for f in flags]
+    if "--prompt_path" not in flags:
+        flags = ["--prompt_path", str(prompt_csv), *flags]
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=message):
+        main(parse_args(["--pretrained_model_name_or_path", str(tiny_pipeline), "--image_dir", str(out), *flags]))
+    assert not out.exists()
+
+
+def test_cli_error_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--prompt_path", str(tmp_path / "nope.csv"),
+                           "--image_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: prompt file {tmp_path / 'nope.csv'} does not exist"]
+    assert not (tmp_path / "out").exists()
