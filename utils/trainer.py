@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import re
 import shutil
@@ -249,6 +250,8 @@ class _StopFlag:
 def train(args: argparse.Namespace, make_method: Callable[[Setup], Method]) -> Path:
     """Run one erasure: load, train `make_method`'s objective, save unet/ and erasure.safetensors; returns output_dir."""
     out = Path(args.output_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("training runs on one device; launch it without --num_processes > 1 (generate.py scales out)")
     concepts = read_word_list(args.removing_concepts, "concepts (--removing_concepts)")
     val_prompts = read_word_list(args.validation_prompts, "validation prompts") if args.validation_prompts else []
     if not 1 <= args.trajectory_samples <= args.num_ddim_steps:
