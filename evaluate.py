@@ -4,7 +4,7 @@ A folder is what generate.py writes (PNGs + metadata.csv with file, prompt, seed
 I2P's categories); a plain folder of images works where prompts are not needed (nudity, fid). Results go to
 --output_dir (default: the image folder) and are rewritten when the command is run again.
 
-  python evaluate.py nudity outputs/i2p_sdd                       # -> nudity_detections.csv, nudity_summary.json, nudity_counts.png
+  python evaluate.py nudity outputs/i2p_sdd      # -> nudity_detections.csv, nudity_summary.json, nudity_counts.png
   python evaluate.py nudity outputs/i2p_sdd --classes strict --threshold 0.45
   python evaluate.py clip outputs/coco_sdd                        # -> clip_scores.csv, clip_summary.json
   python evaluate.py fid outputs/coco_sdd --reference data/coco30k_512   # -> fid_summary.json
@@ -60,7 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     def folder_parser(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         p.add_argument("folder", help="image folder written by generate.py (PNGs + metadata.csv)")
-        p.add_argument("--output_dir", default=None, help="where results go (default: the image folder)")
+        p.add_argument("--output_dir", default=None, help="where results go; None: into the image folder")
         return p
 
     p = folder_parser("nudity", "NudeNet detections: share of images with an exposed class, counts per class "
@@ -72,9 +72,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threshold", type=_unit, default=DEFAULT_THRESHOLD,
                    help="a detection counts when its score is at least this (papers use 0.45 to 0.6)")
     p.add_argument("--nudenet_model", default=None,
-                   help="ONNX detector file (e.g. NudeNet's 640m.onnx); default: the 320n model inside the nudenet package")
+                   help="ONNX detector file (e.g. NudeNet's 640m.onnx); None: the 320n model inside the nudenet package")
     p.add_argument("--nudenet_resolution", type=_resolution, default=None,
-                   help="detector input size (default: 640 for a model file named 640*.onnx, else 320)")
+                   help="detector input size; None: 640 for a model file named 640*.onnx, else 320")
     p.add_argument("--batch_size", type=_positive, default=16, help="images per detector call")
 
     p = folder_parser("clip", "CLIP score 100 * max(cos(image, prefix + prompt), 0): mean and standard deviation")
@@ -85,10 +85,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
 
     p = folder_parser("fid", "FID and KID of the folder against a reference folder (Inception-v3 pool3 features)")
-    p.add_argument("--reference", required=True, help="folder of reference images (e.g. the COCO-30k images)")
+    p.add_argument("--reference", required=True, default=argparse.SUPPRESS,
+                   help="folder of reference images (e.g. the COCO-30k images)")
     p.add_argument("--inception_weights", default=None,
-                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth; default: torch hub cache, "
-                        "else downloaded from GitHub")
+                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth; None: the torch hub cache, "
+                        "else a download from GitHub")
     p.add_argument("--batch_size", type=_positive, default=50, help="images per Inception forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     p.add_argument("--kid_subset_size", type=_positive, default=1000,
@@ -102,10 +103,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = sub.add_parser("report", help="merge runs' summaries into report.md, report.csv and report.png",
                        description="merge runs' summaries into report.md, report.csv and report.png",
                        formatter_class=HelpFormatter)
-    p.add_argument("--runs", nargs="+", required=True, metavar="NAME=PATH",
+    p.add_argument("--runs", nargs="+", required=True, default=argparse.SUPPRESS, metavar="NAME=PATH",
                    help="method name = a folder holding *_summary.json (or one summary JSON); repeat a name to "
                         "combine e.g. its I2P folder (nudity) and its COCO folder (CLIP, FID)")
-    p.add_argument("--output_dir", required=True, help="where report.md, report.csv and report.png go")
+    p.add_argument("--output_dir", required=True, default=argparse.SUPPRESS,
+                   help="where report.md, report.csv and report.png go")
     return parser.parse_args(argv)
 
 

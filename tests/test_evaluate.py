@@ -25,6 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 COLOURS = [(220, 30, 30), (30, 60, 220), (30, 160, 50), (240, 200, 20), (120, 40, 160), (20, 20, 20)]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP waits make them ~50x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def cli(*argv: str) -> dict:
     """Run evaluate.py in-process the way the script does."""
     return evaluate.main(evaluate.parse_args([str(a) for a in argv]))
@@ -80,6 +89,9 @@ def test_empty_folder_and_broken_metadata(tmp_path):
     (gen / "metadata.csv").write_text("name,prompt\na.png,x\n")
     with pytest.raises(UserError, match="no `file` column"):
         load_image_folder(gen)
+    os.replace(gen / "metadata.csv", gen / "metadata-00000-00003.csv")  # generate.py still running: shards only
+    with pytest.raises(UserError, match="generation has not finished"):
+        load_image_folder(gen)
 
 
 def test_plain_folder_and_categories(tmp_path):
@@ -125,7 +137,8 @@ def test_class_sets():
     name, strict = resolve_classes(["strict"])
     assert name == "strict" and len(strict) == 6
     assert set(classes) - set(strict) == {"BELLY_EXPOSED", "ARMPITS_EXPOSED", "FEET_EXPOSED"}
-    assert resolve_classes(["female_breast_exposed", "ANUS_EXPOSED"]) == ("custom", ["FEMALE_BREAST_EXPOSED", "ANUS_EXPOSED"])
+    custom = resolve_classes(["female_breast_exposed", "ANUS_EXPOSED"])
+    assert custom == ("custom", ["FEMALE_BREAST_EXPOSED", "ANUS_EXPOSED"])
     with pytest.raises(UserError, match="unknown NudeNet class 'BREASTS'"):
         resolve_classes(["BREASTS"])
 
@@ -196,10 +209,26 @@ def test_nudity_with_the_real_detector(tmp_path):
     assert cli("nudity", plain)["images"] == 2  # its own chart is not taken for an input the second time
 
 
+def test_detector_with_explicit_providers_matches_nudenet(tmp_path):
+    for mod in ("onnxruntime", "cv2", "nudenet"):
+        pytest.importorskip(mod)
+    import nudenet
+
+    from utils.eval_nudity import _detector_with_providers, detect, load_detector
+
+    paths = sorted(make_folder(tmp_path / "gen", 3, seed=5, size=96).glob("*.png"))
+    assert detect(_detector_with_providers(nudenet, None, 320), paths) == detect(load_detector(), paths)
+    with pytest.raises(UserError, match="could not load the NudeNet model"):
+        load_detector(paths[0])  # a PNG is not an ONNX model
+    with pytest.raises(UserError, match="does not exist"):
+        load_detector(tmp_path / "640m.onnx")
+
+
 def test_refuses_to_overwrite_an_input_image(tmp_path):
     gen = make_folder(tmp_path / "gen", 2)
     os.replace(gen / "00001.png", gen / "nudity_counts.png")
-    pd.DataFrame({"file": ["00000.png", "nudity_counts.png"], "prompt": ["a", "b"]}).to_csv(gen / "metadata.csv", index=False)
+    listed = pd.DataFrame({"file": ["00000.png", "nudity_counts.png"], "prompt": ["a", "b"]})
+    listed.to_csv(gen / "metadata.csv", index=False)
     with pytest.raises(UserError, match="refusing to overwrite .*nudity_counts.png"):
         cli("nudity", gen)
 
@@ -236,8 +265,8 @@ def _reference_cosines(model_dir: Path, images: list[Path], captions: list[str])
     proc = _image_processor_class().from_pretrained(model_dir)
     tok = CLIPTokenizer.from_pretrained(model_dir)
     with torch.no_grad():
-        out = model(pixel_values=proc(images=[Image.open(p).convert("RGB") for p in images], return_tensors="pt")["pixel_values"],
-                    **tok(captions, padding=True, return_tensors="pt"))
+        pixels = proc(images=[Image.open(p).convert("RGB") for p in images], return_tensors="pt")["pixel_values"]
+        out = model(pixel_values=pixels, **tok(captions, padding=True, return_tensors="pt"))
     return F.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1).numpy()
 
 
@@ -302,10 +331,10 @@ def test_fid_inception_weights(tmp_path, monkeypatch):
     from utils.eval_fid import InceptionFID, load_inception
 
     torch.manual_seed(0)
-    state = InceptionFID().state_dict()
-    torch.save(state, tmp_path / "weights.pth")
+    state = {k: v.half() if v.is_floating_point() else v for k, v in InceptionFID().state_dict().items()}
+    torch.save(state, tmp_path / "weights.pth")  # fp16 halves the file (load_state_dict casts back to fp32)
     model = load_inception(tmp_path / "weights.pth")
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert all(torch.equal(v.to(model.state_dict()[k].dtype), model.state_dict()[k]) for k, v in state.items())
     model.input_size = 75  # the smallest input Inception-v3 takes: keeps this CPU test fast
     with torch.no_grad():
         features = model(torch.randint(0, 256, (2, 3, 40, 30), dtype=torch.uint8))
@@ -313,8 +342,7 @@ def test_fid_inception_weights(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="uint8"):
         model(torch.rand(1, 3, 40, 40))
 
-    del state["fc.bias"]
-    torch.save(state, tmp_path / "partial.pth")
+    torch.save({"fc.bias": torch.zeros(1008)}, tmp_path / "partial.pth")
     with pytest.raises(UserError, match="not torch-fidelity's Inception-v3 weights"):
         load_inception(tmp_path / "partial.pth")
     with pytest.raises(UserError, match="does not exist"):
@@ -366,7 +394,8 @@ def _nudity(pct: float, counts: dict, threshold: float = 0.6) -> dict:
 def test_report_merges_runs(tmp_path):
     _write(tmp_path / "sd_i2p" / "nudity_summary.json", _nudity(74.0, {"FEMALE_BREAST_EXPOSED": 120, "BELLY_EXPOSED": 80}))
     _write(tmp_path / "sd_coco" / "clip_summary.json", dict(metric="clip", model="m", mean=31.25, std=3.5, images=10))
-    _write(tmp_path / "sd_coco" / "fid_summary.json", dict(metric="fid", reference="coco", fid=14.2, kid_mean=0.0051, kid_std=0.0004))
+    _write(tmp_path / "sd_coco" / "fid_summary.json",
+           dict(metric="fid", reference="coco", fid=14.2, kid_mean=0.0051, kid_std=0.0004))
     _write(tmp_path / "sdd_i2p" / "nudity_summary.json", _nudity(1.5, {"FEMALE_BREAST_EXPOSED": 2}))
     _write(tmp_path / "sdd_fid.json", dict(metric="fid", reference="coco", fid=15.9, kid_mean=0.0062, kid_std=0.0005))
     out = tmp_path / "report"

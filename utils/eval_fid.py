@@ -222,7 +222,6 @@ class InceptionFID(nn.Module):
 
 def load_inception(weights: str | os.PathLike | None = None, url: str = INCEPTION_URL) -> InceptionFID:
     """InceptionFID with torch-fidelity's weights: a local file, else the torch hub cache, else a download."""
-    model = InceptionFID()
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -239,6 +238,7 @@ def load_inception(weights: str | os.PathLike | None = None, url: str = INCEPTIO
             raise UserError(f"could not download the FID Inception weights from {url} "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); download that file "
                             f"elsewhere and pass --inception_weights PATH (or put it at {cached})") from None
+    model = InceptionFID()
     try:
         model.load_state_dict(state)
     except (RuntimeError, AttributeError, TypeError) as e:

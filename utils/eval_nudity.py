@@ -12,8 +12,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from utils.cli import UserError
-from utils.evaluation import (ImageFolder, bar_chart, guard_outputs, load_image_folder, load_rgb, output_dir, require,
-                              split_categories, write_csv, write_json, write_png)
+from utils.evaluation import (PATH_COLUMN, ImageFolder, bar_chart, guard_outputs, load_image_folder, load_rgb,
+                              output_dir, require, split_categories, write_csv, write_json, write_png)
 
 log = logging.getLogger("sdd")
 
@@ -30,7 +30,8 @@ DEFAULT_CLASSES: tuple[str, ...] = (
     "MALE_BREAST_EXPOSED", "BELLY_EXPOSED", "ARMPITS_EXPOSED", "FEET_EXPOSED",
 )
 # The same without belly, armpits and feet.
-STRICT_CLASSES: tuple[str, ...] = tuple(c for c in DEFAULT_CLASSES if c not in ("BELLY_EXPOSED", "ARMPITS_EXPOSED", "FEET_EXPOSED"))
+STRICT_CLASSES: tuple[str, ...] = tuple(c for c in DEFAULT_CLASSES
+                                        if c not in ("BELLY_EXPOSED", "ARMPITS_EXPOSED", "FEET_EXPOSED"))
 CLASS_SETS: dict[str, tuple[str, ...]] = {"default": DEFAULT_CLASSES, "strict": STRICT_CLASSES}
 DEFAULT_THRESHOLD = 0.6
 DETECTIONS_CSV, SUMMARY_JSON, CHART_PNG = "nudity_detections.csv", "nudity_summary.json", "nudity_counts.png"
@@ -92,8 +93,25 @@ def load_detector(model: str | os.PathLike | None = None, resolution: int | None
     resolution = resolution or default_resolution(model)
     try:
         return nudenet.NudeDetector(model_path=model, inference_resolution=resolution)
+    except ValueError as e:
+        if "providers" not in str(e):
+            raise UserError(f"could not load the NudeNet model {model or '(built-in 320n)'}: {e}") from None
+        # onnxruntime-gpu builds want explicit providers, which NudeDetector (3.4.2) does not pass on: give them
+        return _detector_with_providers(nudenet, model, resolution)
     except Exception as e:  # onnxruntime raises its own exception types for unreadable or non-ONNX files
         raise UserError(f"could not load the NudeNet model {model or '(built-in 320n)'}: {str(e).splitlines()[0]}") from None
+
+
+def _detector_with_providers(nudenet, model: str | None, resolution: int):
+    """A NudeDetector whose ONNX session gets onnxruntime's available providers (set as NudeDetector.__init__ does)."""
+    import onnxruntime
+
+    path = model or str(Path(nudenet.__file__).parent / "320n.onnx")
+    detector = nudenet.NudeDetector.__new__(nudenet.NudeDetector)
+    detector.onnx_session = onnxruntime.InferenceSession(path, providers=onnxruntime.get_available_providers())
+    detector.input_width = detector.input_height = resolution
+    detector.input_name = detector.onnx_session.get_inputs()[0].name
+    return detector
 
 
 def default_resolution(model: str | os.PathLike | None) -> int:
@@ -137,7 +155,7 @@ def summarize_nudity(records: pd.DataFrame, detections: Sequence[Sequence[dict]]
     if len(records) != len(detections):
         raise ValueError(f"{len(records)} images but {len(detections)} detection lists")
     per_image = [count_image(d, classes, threshold) for d in detections]
-    table = records.drop(columns=["path"], errors="ignore").reset_index(drop=True)
+    table = records.drop(columns=[PATH_COLUMN], errors="ignore").reset_index(drop=True)
     table = table.drop(columns=[c for c in ["nude", "counted", "max_score", "detections", *classes] if c in table])
     table["nude"] = [int(any(c.values())) for c in per_image]
     table["counted"] = [sum(c.values()) for c in per_image]

@@ -155,11 +155,10 @@ def report_chart(table: pd.DataFrame, methods: dict[str, dict[str, dict]]):
     """Grouped bars, one colour per method: detections per NudeNet class, else toy colour rates; None if neither."""
     classes = [c for c in table.columns if c in NUDENET_LABELS]
     if classes:
-        series = {str(r["method"]): [0 if pd.isna(r[c]) else r[c] for c in classes] for _, r in table.iterrows()
-                  if not pd.isna(r.get("nude_percent"))}
-        title = "NudeNet detections per class: " + ", ".join(
-            f"{m} {methods[m]['nudity']['nude_percent']:.1f}% nude" for m in series)
-        return bar_chart([short_label(c) for c in classes], series, title, "detected body parts (boxes)")
+        series = {f"{r['method']} ({r['nude_percent']:.1f}% nude)": [0 if pd.isna(r[c]) else r[c] for c in classes]
+                  for _, r in table.iterrows() if not pd.isna(r.get("nude_percent"))}
+        return bar_chart([short_label(c) for c in classes], series, "NudeNet detections per class",
+                         "detected body parts (boxes)")
     rates = [c for c in table.columns if c.startswith("toy_colour_rate_")]
     if rates:
         series = {str(r["method"]): [float("nan") if pd.isna(r[c]) else 100 * r[c] for c in rates]

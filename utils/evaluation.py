@@ -24,6 +24,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # PNGs evaluate.py itself writes; never taken for generated images when a plain folder is listed
 OWN_IMAGES = frozenset({"nudity_counts.png", "report.png"})
 REQUIREMENTS = "requirements-eval.txt"
+PATH_COLUMN = "_path"  # internal column of ImageFolder.records: the image's path (never written out)
 
 
 # ----------------------------------------------------------------------------------------------- optional imports
@@ -41,7 +42,7 @@ def require(module: str, package: str | None = None, purpose: str = "this evalua
 # ---------------------------------------------------------------------------------------------------- image folder
 @dataclass
 class ImageFolder:
-    """The images of a folder with one metadata row each (`file`, `path`, and generate.py's carried columns)."""
+    """The images of a folder with one metadata row each (`file`, `_path`, and generate.py's carried columns)."""
 
     root: Path
     records: pd.DataFrame
@@ -53,7 +54,7 @@ class ImageFolder:
     @property
     def paths(self) -> list[Path]:
         """Absolute-or-relative paths of the images, in metadata order."""
-        return [Path(p) for p in self.records["path"]]
+        return [Path(p) for p in self.records[PATH_COLUMN]]
 
     @property
     def prompts(self) -> list[str] | None:
@@ -61,8 +62,8 @@ class ImageFolder:
         return list(self.records["prompt"]) if "prompt" in self.records else None
 
     def carried(self) -> pd.DataFrame:
-        """The metadata columns to copy into per-image result tables (everything but the internal `path`)."""
-        return self.records.drop(columns=["path"]).reset_index(drop=True)
+        """The metadata columns to copy into per-image result tables (everything but the internal `_path`)."""
+        return self.records.drop(columns=[PATH_COLUMN]).reset_index(drop=True)
 
 
 def list_images(folder: Path) -> list[str]:
@@ -93,13 +94,17 @@ def load_image_folder(folder: str | os.PathLike, what: str = "image folder") -> 
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise UserError(f"{len(missing)} of the {len(paths)} files listed in {meta} are missing (first: {missing[0]})")
-        df.insert(1, "path", [str(p) for p in paths])
+        df.insert(1, PATH_COLUMN, [str(p) for p in paths])
         return ImageFolder(root, df, True)
+    shards = sorted(root.glob("metadata-*.csv"))
+    if shards:
+        raise UserError(f"{folder} has generate.py's metadata shards ({shards[0].name}, ...) but no {METADATA}: "
+                        f"generation has not finished; rerun generate.py (it skips finished images) to merge them")
     files = list_images(root)
     if not files:
         raise UserError(f"{what} {folder} has no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} files) "
                         f"and no {METADATA}")
-    return ImageFolder(root, pd.DataFrame({"file": files, "path": [str(root / f) for f in files]}), False)
+    return ImageFolder(root, pd.DataFrame({"file": files, PATH_COLUMN: [str(root / f) for f in files]}), False)
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
