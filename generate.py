@@ -4,6 +4,7 @@
   python generate.py --prompt_path i2p.csv --image_dir out/sld --pipeline_type sld --pipeline_config max
   python generate.py ... --start 0 --end 2400     # job 1 of 2 on one file; job 2: --start 2400
   accelerate launch --num_processes 4 generate.py ...   # one process per GPU, each its own slice of the prompts
+  accelerate launch --multi_gpu --num_processes 2 generate.py ... --device cpu   # 2 CPU processes (gloo)
 
 Modes (MODES below): --pipeline_type picks the pipeline class, --pipeline_config its extra call arguments:
   sd    none (default), neg: SD+NEG, the safety concept as negative prompt
@@ -55,7 +56,7 @@ from utils.saving import atomic_write_text
 
 @dataclass
 class Mode:
-    """A --pipeline_type: its pipeline class, --pipeline_config -> extra __call__ kwargs (first = default), attributes."""
+    """A --pipeline_type: pipeline class, --pipeline_config -> extra __call__ kwargs (first = default), attributes."""
 
     pipeline: type
     configs: dict[str, Callable[[argparse.Namespace], dict[str, Any]]]
@@ -91,13 +92,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--revision", default=None, help="hub revision of the base pipeline")
     p.add_argument("--variant", default=None, help="weight variant of the base pipeline, e.g. fp16")
     p.add_argument("--unet_path", default=None, help="erased U-Net: a diffusers U-Net folder (train_*.py's "
-                   "OUTPUT_DIR/unet) or an erasure .safetensors file applied onto the base U-Net; works with every mode")
+                   "OUTPUT_DIR/unet) or an erasure .safetensors file applied onto the base U-Net; any mode")
     p.add_argument("--pipeline_type", choices=list(MODES), default="sd", help="pipeline (see MODES)")
     configs = sorted({c for m in MODES.values() for c in m.configs})
     p.add_argument("--pipeline_config", choices=configs, default=None, help="the mode's setting: " + "; ".join(
-        f"{k}: {'|'.join(m.configs)}" for k, m in MODES.items()) + ". Default: the mode's first")
+        f"{k}: {'|'.join(m.configs)}" for k, m in MODES.items()) + "; None = the mode's first")
     p.add_argument("--safety_concept", default=default_safety_concept(),
-                   help="concept steered away from by sd neg, sld and sega (default: SLD's own)")
+                   help="concept steered away from by sd neg, sld and sega; the default is SLD's own")
     sega = p.add_argument_group("SEGA (--pipeline_type sega); defaults: the paper's edit guidance 5, else diffusers'")
     d = call_defaults(SemanticStableDiffusionPipeline)
     sega.add_argument("--edit_guidance_scale", type=float, default=5.0, help="strength of the reversed edit")
@@ -112,15 +113,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance when the file has none")
     p.add_argument("--num_inference_steps", type=int, default=25, help="denoising steps")
     p.add_argument("--num_images_per_prompt", type=int, default=1, help="images per prompt (j = 0..n-1)")
-    p.add_argument("--height", type=int, default=None, help="pixels; default: the U-Net's sample_size x VAE scale")
-    p.add_argument("--width", type=int, default=None, help="pixels; default: the U-Net's sample_size x VAE scale")
+    p.add_argument("--height", type=int, default=None, help="pixels; None = the U-Net's sample_size x VAE scale")
+    p.add_argument("--width", type=int, default=None, help="pixels; None = the U-Net's sample_size x VAE scale")
     p.add_argument("--batch_size", type=int, default=8, help="images per pipeline call (same guidance only)")
     p.add_argument("--start", type=int, default=0, help="first prompt index of this job")
-    p.add_argument("--end", type=int, default=None, help="prompt index this job stops before (default: the end)")
-    p.add_argument("--overwrite", action="store_true", help="redo images that exist (default: skip them)")
+    p.add_argument("--end", type=int, default=None, help="prompt index this job stops before; None = the end")
+    p.add_argument("--overwrite", action="store_true", help="redo images that exist instead of skipping them")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="weights dtype; default fp16 on cuda, fp32 on cpu")
-    p.add_argument("--device", default="auto", help="auto (accelerate's device for this process), cpu, cuda, cuda:1...")
+                   help="weights dtype; None = fp16 on cuda, fp32 on cpu")
+    p.add_argument("--device", default="auto", help="auto (accelerate's device for this process), cpu, cuda:1...")
     return p.parse_args(argv)
 
 
@@ -152,16 +153,20 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     dtype = resolve_dtype(args.mixed_precision, device)
     parts = load_parts(args.pretrained_model_name_or_path, args.unet_path, dtype, args.revision, args.variant)
     pipe = build_pipeline(mode.pipeline, parts, device)
+    args.safety_concept, cut = fit_to_tokenizer(pipe.tokenizer, args.safety_concept)  # as the prompts, for every mode
+    if cut:
+        print(f"--safety_concept is longer than {pipe.tokenizer.model_max_length} tokens: truncated where it is used")
     for name, value in mode.attrs(args).items():
         setattr(pipe, name, value)
     f = pipe.vae_scale_factor
-    args.height, args.width = args.height or pipe.unet.config.sample_size * f, args.width or pipe.unet.config.sample_size * f
+    args.height = args.height or pipe.unet.config.sample_size * f
+    args.width = args.width or pipe.unet.config.sample_size * f
     if args.height % f or args.width % f:
         raise UserError(f"--height and --width must be multiples of {f} (the VAE's scale factor)")
-    settings = {k: getattr(args, k) for k in ("revision", "variant", "pipeline_type", "pipeline_config", "safety_concept",
-                                              "edit_guidance_scale", "edit_warmup_steps", "edit_threshold",
-                                              "edit_momentum_scale", "edit_mom_beta", "seed", "guidance_scale",
-                                              "num_inference_steps", "height", "width")}
+    settings = {k: getattr(args, k) for k in (  # what an image depends on: a folder holds images of one setting
+        "revision", "variant", "pipeline_type", "pipeline_config", "safety_concept", "edit_guidance_scale",
+        "edit_warmup_steps", "edit_threshold", "edit_momentum_scale", "edit_mom_beta", "seed", "guidance_scale",
+        "num_inference_steps", "height", "width")}
     settings.update(pretrained_model_name_or_path=_abs(args.pretrained_model_name_or_path),
                     unet_path=_abs(args.unet_path), prompt_path=_abs(args.prompt_path), dtype=str(dtype))
     check_settings(image_dir, settings, args.overwrite)
@@ -171,7 +176,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         mine = list(mine)
     image_dir.mkdir(parents=True, exist_ok=True)
     if state.is_main_process:
-        atomic_write_text(image_dir / ARGS, json.dumps({**vars(args), **settings, "num_prompts": len(prompts)}, indent=2))
+        record = {**vars(args), **settings, "num_prompts": len(prompts)}
+        atomic_write_text(image_dir / ARGS, json.dumps(record, indent=2))
     log = setup_logging(image_dir, "generate.log")
     meta = {"mode": args.pipeline_type, "config": args.pipeline_config, "unet": args.unet_path or "base"}
     who = f"[process {state.process_index}/{state.num_processes}] " if state.num_processes > 1 else ""
@@ -201,10 +207,12 @@ def generate(pipe, prompts: list[Prompt], image_dir: Path, args: argparse.Namesp
     for job in jobs:  # images of an earlier run that was stopped between the PNG and its row
         if job.file not in redo and job.file not in known:
             shard.add(metadata_row(job, meta))
-    texts = {p.index: fit_to_tokenizer(pipe.tokenizer, p.text) for p in {job.prompt.index: job.prompt for job in todo}.values()}
+    texts = {job.prompt.index: job.prompt.text for job in todo}
+    texts = {i: fit_to_tokenizer(pipe.tokenizer, text) for i, text in texts.items()}  # -> (text, was cut)
     summary["truncated"] = sum(cut for _, cut in texts.values())
     if summary["truncated"]:
-        line = f"{prefix}{summary['truncated']} prompts longer than {pipe.tokenizer.model_max_length} tokens were truncated"
+        limit = pipe.tokenizer.model_max_length
+        line = f"{prefix}{summary['truncated']} prompts longer than {limit} tokens were truncated"
         logging.getLogger("sdd").info(line)
         print(line)
     shape = (pipe.unet.config.in_channels, args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)

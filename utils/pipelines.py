@@ -1,10 +1,11 @@
-"""generate.py's machinery: pipeline parts loaded once, any pipeline built from them, seeded latents, batches, metadata."""
+"""generate.py's machinery: parts loaded once, pipelines built from them, seeded latents, batches, metadata."""
 from __future__ import annotations
 
 import csv
 import inspect
 import json
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +29,15 @@ BASE_COLUMNS = ["file", "prompt", "seed", "guidance", "mode", "config", "unet"]
 
 @contextmanager
 def quiet_diffusers() -> Iterator[None]:
-    """Hide diffusers' notices ("SLD/SEGA are deprecated", ...) and loading bars while loading and building pipelines."""
+    """Hide diffusers' notices ("SLD/SEGA are deprecated", ...) and loading bars while loading and building."""
     old = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)  # new name: dtype
+            yield
     finally:
         diffusers_logging.set_verbosity(old)
         diffusers_logging.enable_progress_bar()
@@ -60,7 +63,7 @@ def load_parts(name: str, unet_path: str | None, dtype: torch.dtype, revision: s
     """The checkpoint's components (its own scheduler; no safety checker) with --unet_path's weights applied."""
     check_model_source(name)
     with quiet_diffusers():
-        base = from_pretrained(StableDiffusionPipeline, name, dtype=dtype, revision=revision, variant=variant,
+        base = from_pretrained(StableDiffusionPipeline, name, torch_dtype=dtype, revision=revision, variant=variant,
                                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if unet_path:
         load_unet_into(base.unet, unet_path)

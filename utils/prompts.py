@@ -44,7 +44,9 @@ class Prompt:
 
 
 def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip())
+    if isinstance(value, str):
+        return not value.strip()
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _number(value: Any, kind: type, what: str) -> int | float:
@@ -124,10 +126,10 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
 
 
 def read_prompts(path: str | os.PathLike) -> list[Prompt]:
-    """Read a .txt, .csv or .json prompt file; UserError when missing, empty, malformed or with duplicate case numbers."""
+    """Read a .txt, .csv or .json prompt file; UserError if missing, empty, malformed or with repeated case numbers."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UserError(f"prompt file {path} does not exist" if not path.exists() else f"prompt file {path} is not a file")
+        raise UserError(f"prompt file {path} {'is not a file' if path.exists() else 'does not exist'}")
     suffix = path.suffix.lower()
     if suffix == ".txt":
         try:
