@@ -303,13 +303,17 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tiny_pipeline, tmp_path)
     assert (out / "unet").exists() and f"resumed from {ckpts[0]} at step {step}" in r.stdout
 
 
-@pytest.mark.parametrize("script", ["run_sdd_nudity.sh", "run_esd_nudity.sh"])
+@pytest.mark.parametrize("script", ["run_sdd_nudity.sh", "run_esd_nudity.sh", "run_sdd_toy.sh", "run_esd_toy.sh"])
 def test_bash_example_flags_parse(script):
     text = (ROOT / script).read_text().replace("\\\n", " ")
-    line = next(ln for ln in text.splitlines() if ln.strip().startswith("python "))
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("python ") and "train_" in ln)
+    line = line.replace('"$HERE"/', "").replace('"$HERE/', '"').replace("$HERE/", "")
     argv = shlex.split(line.replace('"$OUTPUT_DIR"', "OUT").replace('"$@"', ""))
     mod = {"train_sdd.py": train_sdd, "train_esd.py": train_esd}[argv[1]]
     args = mod.parse_args(argv[2:])
-    assert args.pretrained_model_name_or_path == "CompVis/stable-diffusion-v1-4"
-    assert (ROOT / args.removing_concepts[0]).exists() and (ROOT / args.validation_prompts[0]).exists()
-    assert args.num_train_steps == (1500 if script == "run_sdd_nudity.sh" else 1000)
+    if "nudity" in script:
+        assert args.pretrained_model_name_or_path == "CompVis/stable-diffusion-v1-4"
+        assert (ROOT / args.removing_concepts[0]).exists() and (ROOT / args.validation_prompts[0]).exists()
+        assert args.num_train_steps == (1500 if script == "run_sdd_nudity.sh" else 1000)
+    else:
+        assert args.pretrained_model_name_or_path == "assets/toy-sd" and args.removing_concepts == ["red"]
