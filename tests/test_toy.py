@@ -89,10 +89,16 @@ def test_few_steps_of_training_give_a_loadable_pipeline(tmp_path):
 
     from utils.models import load_sd_parts
 
-    out = tmp_path / "toy"
-    args = toy.parse_args(["train", "--output_dir", str(out), "--n_images", "48", "--vae_steps", "2",
-                           "--unet_steps", "2", "--vae_batch_size", "4", "--unet_batch_size", "4", "--quiet"])
-    toy.main(args)
+    from safetensors.torch import load_file
+
+    flags = ["--n_images", "48", "--vae_steps", "2", "--unet_steps", "3", "--vae_batch_size", "4",
+             "--unet_batch_size", "4", "--quiet"]
+    out, again = tmp_path / "toy", tmp_path / "again"
+    toy.main(toy.parse_args(["train", "--output_dir", str(out), *flags]))
+    toy.main(toy.parse_args(["train", "--output_dir", str(again), *flags]))
+    w1 = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    w2 = load_file(again / "unet" / "diffusion_pytorch_model.safetensors")
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)  # seeded: same weights
     assert (out / "model_index.json").exists() and (out / "train_toy.log").exists()
     assert not (out / "checkpoints").exists()
     assert list((out / "unet").glob("*.safetensors"))
@@ -123,5 +129,5 @@ def test_shipped_base_model_draws_the_asked_colour():
     assert set(res["colour_rate"]) == set(toy.COLOURS)
     for colour, rate in res["colour_rate"].items():
         assert rate >= 0.95, (colour, res["colour_counts"][colour])
-    assert res["shape_acc"] >= 0.6, res["shape_acc_by_shape"]
+    assert res["shape_acc"] >= 0.75, res["shape_acc_by_shape"]
     assert len(res["images"]["a red circle"]) == 2

@@ -110,15 +110,37 @@ def parse_caption(prompt: str) -> tuple[str | None, str | None]:
 _FG_THRESHOLD = 96  # a pixel is foreground when some channel is this far below white
 _MIN_PIXELS = 16  # fewer foreground pixels in the largest blob: no clear shape
 _MAX_ASPECT = 1.6  # a bounding box more elongated than this is no clear shape
-_FILL_SQUARE = 0.93  # fill ratio of the bounding box: square ~1, circle ~pi/4, triangle ~1/2
+_FILL_SQUARE = 0.89  # fill ratio of the bounding box: square 1, circle pi/4, triangle 1/2; thresholds near midpoints
 _FILL_CIRCLE = 0.655
 _FILL_TRIANGLE = 0.36
 
 
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    """8-connected components of a boolean mask, one boolean mask each (flood fill; the images are tiny)."""
+    seen = np.zeros_like(mask, dtype=bool)
+    h, w = mask.shape
+    out = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        comp = np.zeros_like(mask, dtype=bool)
+        stack = [(int(y0), int(x0))]
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            comp[y, x] = True
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    v, u = y + dy, x + dx
+                    if 0 <= v < h and 0 <= u < w and mask[v, u] and not seen[v, u]:
+                        seen[v, u] = True
+                        stack.append((v, u))
+        out.append(comp)
+    return out
+
+
 def judge_features(image: Image.Image | np.ndarray) -> dict | None:
     """Geometry of the largest foreground blob (pixels, bbox, fill ratio, aspect, mean colour), None if too small."""
-    from scipy import ndimage
-
     arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise ValueError(f"judge expects an RGB image (H, W, 3), got shape {arr.shape}")
@@ -128,9 +150,8 @@ def judge_features(image: Image.Image | np.ndarray) -> dict | None:
     mask = dev > _FG_THRESHOLD
     if mask.sum() < _MIN_PIXELS:
         return None
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    sizes = np.bincount(labels.ravel())[1:]
-    blob = labels == (int(np.argmax(sizes)) + 1)
+    blobs = _components(mask)
+    blob, n = max(blobs, key=lambda m: int(m.sum())), len(blobs)
     pixels = int(blob.sum())
     if pixels < _MIN_PIXELS:
         return None
