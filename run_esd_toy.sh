@@ -2,6 +2,8 @@
 # The offline demo: erase "red" from the shipped toy model with ESD (ESD-x), then measure before/after with the toy judge.
 # CPU, a few minutes. Usage: bash run_esd_toy.sh [OUTPUT_DIR] [extra train_esd.py flags...]
 set -euo pipefail
+# The concept is "a red", not "red": the toy model only ever saw "a {colour} {shape}", and its text encoder is
+# causal, so the prefix "a red" gives the colour token exactly the state it has in "a red circle".
 HERE=$(cd "$(dirname "$0")" && pwd)
 export HF_HUB_OFFLINE=1 PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 OUTPUT_DIR=${1:-$HERE/outputs/toy-esd}
@@ -11,10 +13,10 @@ if [ -d "$OUTPUT_DIR/unet" ]; then
 else
   python "$HERE"/train_esd.py \
     --pretrained_model_name_or_path "$HERE/assets/toy-sd" \
-    --removing_concepts red \
-    --num_train_steps 300 \
+    --removing_concepts "a red" \
+    --num_train_steps 160 \
     --train_batch_size 4 \
-    --learning_rate 3e-4 \
+    --learning_rate 1e-4 \
     --num_ddim_steps 20 \
     --guidance_scale 3.0 \
     --negative_guidance 1.0 \

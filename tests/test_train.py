@@ -316,4 +316,4 @@ def test_bash_example_flags_parse(script):
         assert (ROOT / args.removing_concepts[0]).exists() and (ROOT / args.validation_prompts[0]).exists()
         assert args.num_train_steps == (1500 if script == "run_sdd_nudity.sh" else 1000)
     else:
-        assert args.pretrained_model_name_or_path == "assets/toy-sd" and args.removing_concepts == ["red"]
+        assert args.pretrained_model_name_or_path == "assets/toy-sd" and "red" in args.removing_concepts[0]

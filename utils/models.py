@@ -76,8 +76,10 @@ def load_sd_parts(name: str, revision: str | None = None, variant: str | None = 
 
 
 def cast(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move to device, and cast only when the dtype changes (diffusers warns on every dtype cast)."""
-    module.to(device)
+    """Move to device, casting only when the dtype changes (diffusers warns on every dtype cast).
+
+    Both in one pass over the tensors, so a full-precision copy of the model never sits on the device.
+    """
     if next(module.parameters()).dtype != dtype:
-        module.to(dtype)
-    return module
+        return module.to(device=device, dtype=dtype)
+    return module.to(device)

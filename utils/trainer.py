@@ -325,6 +325,7 @@ def train(args: argparse.Namespace, make_method: Callable[[Setup], Method]) -> P
     c_0 = embeds[""]
     last_ckpt = resume
     bar = tqdm(total=args.num_train_steps, initial=step, desc=method.name, dynamic_ncols=True)
+    logger.info("training starts at step %d of %d", step, args.num_train_steps)  # benchmarks time from here
     t_start = time.time()
     with _StopFlag() as stop:
         while step < args.num_train_steps and not stop.raised:

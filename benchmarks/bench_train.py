@@ -1,0 +1,424 @@
+"""Per-step time and peak memory of SDD and ESD training steps: our trainer against the reference code's layout.
+
+Each (layout, method, precision) runs in its own process, alternating ours / reference: OUR numbers come from the
+real trainer (train_sdd.main / train_esd.main), the REFERENCE numbers from benchmarks/reference_layout.py (two full
+U-Nets, text encoded every step, EMA over every U-Net parameter). Both draw the same k, z_T and t from the same seed,
+so they do the same teacher work step by step. Peak memory is taken from the start of the first training step to
+the end of the last (resident weights included): VmHWM after `echo 5 > /proc/self/clear_refs` on the CPU,
+torch.cuda.max_memory_allocated after a reset on a GPU; "load peak" is the peak before that (loading, casting).
+
+    python benchmarks/bench_train.py --model sd14 --resolution 128 --mixed_precision no bf16
+    python benchmarks/bench_train.py --model tiny --steps 2 --warmup 0       # a smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from utils.cli import HelpFormatter, UserError, run  # noqa: E402
+
+MODELS = ("sd14", "toy", "tiny")
+PRECISIONS = ("no", "bf16", "fp16")
+TOY_DIR = ROOT / "assets" / "toy-sd"
+CONCEPT = {"sd14": "nudity", "toy": "red", "tiny": "nudity"}
+GIB = 2 ** 30
+
+
+# ------------------------------------------------------------------------------------------------ model folders
+def build_sd14_pipeline(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Save a Stable-Diffusion-1.4-shaped pipeline with random weights (speed and memory do not depend on them)."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from utils.tokenizer import write_clip_tokenizer
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as tmp:  # a few real words; ids stay below CLIP's 49408-token vocabulary
+        tokenizer = write_clip_tokenizer(tmp, ["a", "photo", "of", "nudity", "naked", "body", "red"], 77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(  # ViT-L/14's text tower: 123 M parameters
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # 860 M
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=2, norm_num_groups=32, sample_size=512)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def prepare_model(model: str, model_dir: str | None, scratch: Path) -> Path:
+    """The pipeline folder for --model: built (sd14 in a subprocess, so this process stays small), or assets/toy-sd."""
+    if model == "toy":
+        if not (TOY_DIR / "model_index.json").exists():
+            raise UserError(f"{TOY_DIR} does not exist yet: train it with `python -m utils.toy train` first")
+        return TOY_DIR
+    folder = Path(model_dir) if model_dir else scratch / model
+    if (folder / "model_index.json").exists():
+        return folder
+    if model == "tiny":
+        from utils.tiny import build_tiny_pipeline
+        return build_tiny_pipeline(folder)
+    print(f"building an SD-1.4-shaped pipeline with random weights in {folder} ...", flush=True)
+    subprocess.run([sys.executable, "-c", "import sys; from benchmarks.bench_train import build_sd14_pipeline; "
+                    "build_sd14_pipeline(sys.argv[1])", str(folder)], cwd=ROOT, check=True)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+class _Done(BaseException):
+    """Raised by the probe after the last measured step: the run's result is not saved (not part of a step)."""
+
+
+class Meter:
+    """Peak memory since `reset()` and step timestamps, for the CPU (VmHWM) or a CUDA device."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+        self.torch = torch
+        self.cuda = device.startswith("cuda")
+        self.times: list[float] = []
+        self.load_peak = self.peak = self.start_resident = None
+        self.exact = True
+
+    def now(self) -> float:
+        """perf_counter after the device finished its queued work."""
+        if self.cuda:
+            self.torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _status(self, key: str) -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    def reset(self) -> None:
+        """Remember the peak so far (loading), then restart peak tracking from the current usage."""
+        if self.cuda:
+            self.load_peak = self.torch.cuda.max_memory_allocated()
+            self.start_resident = self.torch.cuda.memory_allocated()
+            self.torch.cuda.reset_peak_memory_stats()
+        else:
+            self.load_peak, self.start_resident = self._status("VmHWM"), self._status("VmRSS")
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:  # not Linux or not allowed: the peak then includes loading
+                self.exact = False
+        self.times = [self.now()]
+
+    def mark_step(self) -> None:
+        """Timestamp the end of a step."""
+        self.times.append(self.now())
+
+    def read_peak(self) -> None:
+        """Peak since reset()."""
+        self.peak = self.torch.cuda.max_memory_allocated() if self.cuda else self._status("VmHWM")
+
+    def result(self) -> dict:
+        """Step durations and memory numbers (bytes)."""
+        return dict(step_s=[b - a for a, b in zip(self.times, self.times[1:])], peak=self.peak,
+                    load_peak=self.load_peak, start_resident=self.start_resident, exact_peak=self.exact)
+
+
+class _StepProbe(logging.Handler):
+    """Watches our trainer's log: resets the meter at "training starts", marks each "step N", stops after the last."""
+
+    def __init__(self, meter: Meter, steps: int) -> None:
+        super().__init__()
+        self.meter, self.steps, self.ks = meter, steps, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg.startswith("training starts"):
+            self.meter.reset()
+        elif (m := re.match(r"step (\d+) loss .* k (\d+) ", msg)):
+            self.meter.mark_step()
+            self.ks.append(int(m.group(2)))
+            if int(m.group(1)) >= self.steps:
+                self.meter.read_peak()
+                raise _Done
+
+
+def train_argv(spec: dict, out: Path) -> list[str]:
+    """Our trainer's command line for a benchmark run (the reference layout parses the same flags)."""
+    argv = ["--pretrained_model_name_or_path", spec["model_path"], "--output_dir", str(out),
+            "--removing_concepts", CONCEPT[spec["model"]], "--num_train_steps", str(spec["steps"]),
+            "--num_ddim_steps", str(spec["num_ddim_steps"]), "--seed", str(spec["seed"]),
+            "--mixed_precision", spec["precision"], "--finetuning_method", spec["finetuning_method"],
+            "--train_batch_size", str(spec["train_batch_size"]), "--checkpointing_steps", str(spec["steps"] + 10 ** 6)]
+    if spec["resolution"]:
+        argv += ["--resolution", str(spec["resolution"])]
+    if spec["device"]:
+        argv += ["--device", spec["device"]]
+    if spec["gradient_checkpointing"]:
+        argv += ["--gradient_checkpointing"]
+    return argv + list(spec.get("extra", []))
+
+
+def worker(spec: dict) -> dict:
+    """Run one layout in this process and return its measurements."""
+    import torch
+
+    import train_esd
+    import train_sdd
+    from utils import trainer
+    from utils.cli import resolve_device
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device = str(resolve_device(spec["device"]))
+    meter = Meter(device)
+    mod = train_sdd if spec["method"] == "sdd" else train_esd
+    with tempfile.TemporaryDirectory() as tmp:
+        args = mod.parse_args(train_argv(spec, Path(tmp) / "out"))
+        if spec["layout"] == "ours":
+            probe = _StepProbe(meter, spec["steps"])
+            original = trainer.setup_logging
+
+            def setup_logging(*a, **kw):
+                logger = original(*a, **kw)
+                logger.addHandler(probe)
+                return logger
+
+            trainer.setup_logging = setup_logging
+            try:
+                mod.main(args)
+            except _Done:
+                pass
+            finally:
+                trainer.setup_logging = original
+            ks, phases = probe.ks, None
+        else:
+            from benchmarks.reference_layout import ReferenceLayout
+            ref = ReferenceLayout(args, grads=spec["reference_grads"])
+            meter.reset()
+            ks, phases = [], []
+            for _ in range(spec["steps"]):
+                info = ref.step()
+                meter.mark_step()
+                ks.append(info["k"])
+                phases.append(info["phases"])
+            meter.read_peak()
+    res = meter.result()
+    if len(res["step_s"]) != spec["steps"]:
+        raise RuntimeError(f"{spec['layout']} run measured {len(res['step_s'])} of {spec['steps']} steps")
+    return dict(spec, **res, ks=ks, phases=phases, device_name=device,
+                threads=torch.get_num_threads())
+
+
+def run_worker(spec: dict, scratch: Path) -> dict:
+    """One layout in a fresh process (so that its peak is its own)."""
+    name = f"{spec['layout']}-{spec['method']}-{spec['precision']}-{spec['repeat']}"
+    spec_path, out_path = scratch / f"{name}.spec.json", scratch / f"{name}.result.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path), str(out_path)],
+                          cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0 or not out_path.exists():
+        tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
+        raise UserError(f"the {name} run failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(out_path.read_text())
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _median_step(res: list[dict], warmup: int) -> float:
+    return statistics.median([s for r in res for s in r["step_s"][warmup:]])
+
+
+def fit_steps(points: list[tuple[int, float]]) -> tuple[float, float] | None:
+    """Least-squares s/step = a + b k over (k, seconds): a = fixed cost of a step, b = cost of one sampling step."""
+    if len({k for k, _ in points}) < 2:
+        return None
+    n = len(points)
+    mk, mt = sum(k for k, _ in points) / n, sum(t for _, t in points) / n
+    b = sum((k - mk) * (t - mt) for k, t in points) / sum((k - mk) ** 2 for k, _ in points)
+    return mt - b * mk, b
+
+
+def summarize(results: list[dict], warmup: int) -> list[dict]:
+    """One row per (method, precision): median s/step and peak memory of each layout, and ours / reference."""
+    rows = []
+    fp32_ref = {r["method"]: r["peak"] for r in results if r["layout"] == "reference" and r["precision"] == "no"}
+    keys = list(dict.fromkeys((r["method"], r["precision"]) for r in results))
+    for method, prec in keys:
+        row = dict(method=method, precision="fp32" if prec == "no" else prec)
+        for name, layout in (("ours", "ours"), ("ref", "reference")):
+            rs = [r for r in results if (r["method"], r["precision"], r["layout"]) == (method, prec, layout)]
+            row[f"{name}_ks"] = rs[0]["ks"] if rs else None
+            row[f"{name}_s"] = _median_step(rs, warmup) if rs else None
+            for key in ("peak", "load_peak", "start_resident"):
+                row[f"{name}_{key}"] = max(r[key] for r in rs) if rs else None
+        both = row["ours_s"] is not None and row["ref_s"] is not None
+        row["time_ratio"] = row["ours_s"] / row["ref_s"] if both else None
+        row["mem_ratio"] = row["ours_peak"] / row["ref_peak"] if both else None
+        row["mem_ratio_fp32_ref"] = (row["ours_peak"] / fp32_ref[method]
+                                     if method in fp32_ref and row["ours_peak"] is not None else None)
+        for name, layout in (("ours", "ours"), ("ref", "reference")):
+            pts = [(k, t) for r in results if (r["method"], r["precision"], r["layout"]) == (method, prec, layout)
+                   for k, t in list(zip(r["ks"], r["step_s"]))[warmup:]]
+            row[f"{name}_fit"] = fit_steps(pts)
+        phases = [p for r in results if (r["method"], r["precision"], r["layout"]) == (method, prec, "reference")
+                  for p in (r["phases"] or [])[warmup:]]
+        row["ref_phases"] = {k: statistics.median([p[k] for p in phases]) for k in phases[0]} if phases else None
+        rows.append(row)
+    return rows
+
+
+def _fmt(x: float | None, spec: str, scale: float = 1.0, bold: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    text = format(x / scale, spec)
+    return f"**{text}**" if bold else text
+
+
+def format_table(rows: list[dict], header: str) -> str:
+    """The markdown table printed at the end of a run."""
+    lines = [header, "",
+             "| method | precision | ours s/step | ref s/step | time ours/ref | ours peak GiB | ref peak GiB "
+             "| peak ours/ref | ours / fp32 ref | load peak ours / ref GiB | k per step |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        ks = r["ours_ks"] or r["ref_ks"]
+        lines.append(f"| {r['method']} | {r['precision']} | {_fmt(r['ours_s'], '.4g')} | {_fmt(r['ref_s'], '.4g')} | "
+                     f"{_fmt(r['time_ratio'], '.2f', bold=True)} | {_fmt(r['ours_peak'], '.2f', GIB)} | "
+                     f"{_fmt(r['ref_peak'], '.2f', GIB)} | {_fmt(r['mem_ratio'], '.2f', bold=True)} | "
+                     f"{_fmt(r['mem_ratio_fp32_ref'], '.2f')} | {_fmt(r['ours_load_peak'], '.2f', GIB)} / "
+                     f"{_fmt(r['ref_load_peak'], '.2f', GIB)} | {','.join(map(str, ks))} |")
+    fit_rows = [r for r in rows if r["ours_fit"] and r["ref_fit"]]
+    if fit_rows:
+        lines += ["", "Step time fitted as a + b k over the timed steps (a: fixed cost, b: one guided sampling step), "
+                  "and the ratio it projects for N = 50 (mean k = 24.5):", "",
+                  "| method | precision | ours a | ours b | ref a | ref b | projected time ours/ref, N = 50 |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for r in fit_rows:
+            (ao, bo), (ar, br) = r["ours_fit"], r["ref_fit"]
+            lines.append(f"| {r['method']} | {r['precision']} | {ao:.3g} | {bo:.3g} | {ar:.3g} | {br:.3g} | "
+                         f"{(ao + 24.5 * bo) / (ar + 24.5 * br):.2f} |")
+    phase_rows = [r for r in rows if r["ref_phases"]]
+    if phase_rows:
+        lines += ["", "Reference layout, median seconds per step by phase (timed steps):", "",
+                  "| method | precision | text encoding | teacher sampling | student fwd/bwd + AdamW | full EMA |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for r in phase_rows:
+            p = r["ref_phases"]
+            lines.append(f"| {r['method']} | {r['precision']} | {p['text']:.3f} | {p['sample']:.3f} | "
+                         f"{p['train']:.3f} | {p['ema']:.3f} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Flags of the benchmark (and the hidden --worker entry point)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", choices=MODELS, default="sd14",
+                   help="sd14: SD-1.4-shaped, random weights; toy: assets/toy-sd; tiny: a few-KB test pipeline")
+    p.add_argument("--model_dir", default=None,
+                   help="folder for the built sd14/tiny pipeline, reused when present (default: a temp dir, removed)")
+    p.add_argument("--resolution", type=int, default=128, help="image size in pixels (0: the model's own)")
+    p.add_argument("--mixed_precision", nargs="+", choices=PRECISIONS, default=["no"],
+                   help="precisions to measure; ours casts frozen weights, the reference autocasts fp32 weights")
+    p.add_argument("--methods", nargs="+", choices=("sdd", "esd"), default=["sdd", "esd"], help="methods to measure")
+    p.add_argument("--layouts", nargs="+", choices=("ours", "reference"), default=["ours", "reference"],
+                   help="layouts to measure (ratios need both)")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=1, help="first steps left out of the median time")
+    p.add_argument("--repeats", type=int, default=1, help="runs per layout, alternating ours / reference")
+    p.add_argument("--num_ddim_steps", type=int, default=10,
+                   help="N: each step samples k ~ U[0, N-1] teacher steps (time grows with k; see the k column)")
+    p.add_argument("--finetuning_method", choices=("xattn", "xattn-strict", "noxattn", "selfattn", "notime", "full"),
+                   default="xattn", help="trained U-Net parameters")
+    p.add_argument("--train_batch_size", type=int, default=1, help="z_T samples per step")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute activations in backward (ours only: the reference code has no such option)")
+    p.add_argument("--reference_grads", choices=("subset", "all"), default="subset",
+                   help="reference student's parameters that require grad: the trained subset (in its favour) or "
+                        "all of them (as the reference code leaves it)")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="further trainer flags for both layouts, e.g. --extra --timestep_jitter (must come last)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads per run (0: torch's default); 1 is steadier on a machine shared with other jobs")
+    p.add_argument("--seed", type=int, default=0, help="seed of k, z_T and t (the same in both layouts)")
+    p.add_argument("--json", default=None, help="also write the raw measurements and the table rows here")
+    p.add_argument("--worker", nargs=2, default=None, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker is None:
+        for flag in ("steps", "repeats", "num_ddim_steps", "train_batch_size"):
+            if getattr(args, flag) < 1:
+                p.error(f"--{flag} must be >= 1")
+        if not 0 <= args.warmup < args.steps:
+            p.error("--warmup must be in [0, --steps)")
+    return args
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    """Measure every (method, precision) for both layouts, print the table, return its rows."""
+    if args.worker:
+        spec = json.loads(Path(args.worker[0]).read_text())
+        Path(args.worker[1]).write_text(json.dumps(worker(spec)))
+        return []
+    import torch
+
+    from utils.cli import resolve_device
+    device = str(resolve_device(args.device))
+    scratch = Path(tempfile.mkdtemp(prefix="bench_train-"))
+    try:
+        model_path = prepare_model(args.model, args.model_dir, scratch)
+        results = []
+        for method in args.methods:
+            for prec in args.mixed_precision:
+                for repeat in range(args.repeats):
+                    for layout in args.layouts:
+                        spec = dict(layout=layout, method=method, precision=prec, repeat=repeat, model=args.model,
+                                    model_path=str(model_path), steps=args.steps, resolution=args.resolution,
+                                    num_ddim_steps=args.num_ddim_steps, finetuning_method=args.finetuning_method,
+                                    train_batch_size=args.train_batch_size, seed=args.seed, device=args.device,
+                                    gradient_checkpointing=args.gradient_checkpointing,
+                                    reference_grads=args.reference_grads, extra=args.extra, threads=args.threads)
+                        t0 = time.time()
+                        res = run_worker(spec, scratch)
+                        results.append(res)
+                        print(f"{layout:>9} {method} {prec:<4} #{repeat}: s/step {['%.2f' % s for s in res['step_s']]}"
+                              f" k {res['ks']} peak {res['peak'] / GIB:.2f} GiB ({time.time() - t0:.0f} s)", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    rows = summarize(results, args.warmup)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
+    header = (f"model {args.model}, {args.resolution or 'native'} px, N = {args.num_ddim_steps} DDIM steps, "
+              f"{args.finetuning_method}, batch {args.train_batch_size}, {name}, {args.steps} steps per run "
+              f"({args.warmup} warm-up), {args.repeats} run(s) per layout, reference grads: {args.reference_grads}, "
+              f"{args.threads or 'default'} thread(s)"
+              + (", ours with gradient checkpointing" if args.gradient_checkpointing else ""))
+    print()
+    print(format_table(rows, header))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(rows=rows, results=results, argv=sys.argv[1:]), indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    run(main, parse_args)
