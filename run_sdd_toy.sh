@@ -3,7 +3,7 @@
 # CPU, a few minutes. Usage: bash run_sdd_toy.sh [OUTPUT_DIR] [extra train_sdd.py flags...]
 set -euo pipefail
 # The concepts are the red captions, one per step (c_s = c_p): the toy model only ever saw "a {colour} {shape}", so
-# the bare word "red" barely moves it. SDD's window on this tiny model is narrow: with these settings red is gone
+# the bare word "red" does nothing at lr <= 1e-4 and collapses every colour at 3e-4. SDD's window on this tiny model is narrow: with these settings red is gone
 # at step 375 while the other colours hold; by step 400 yellow starts to go too (benchmarks/time_to_erase.py).
 HERE=$(cd "$(dirname "$0")" && pwd)
 export HF_HUB_OFFLINE=1 PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, prepared to run in under 4 minutes on one recent GPU:
+# The GPU check, prepared to run in under 4 minutes on one recent GPU (time limits: 60 + 140 + 35 s):
 #   1. SD-1.4-shaped SDD and ESD steps at 512 px, fp32 and bf16, ours and the reference layout:
 #      s/step and peak VRAM (torch.cuda.max_memory_allocated from the first training step on);
 #   2. ours with bf16 frozen weights and --gradient_checkpointing, the configuration meant for 12 GB GPUs.
@@ -21,20 +21,20 @@ print(f'torch {torch.__version__}, {p.name}, {p.total_memory / 2**30:.0f} GiB')"
 
 start=$(date +%s)
 if [ ! -f "$MODEL_DIR/model_index.json" ]; then
-  timeout 90 python -c "import sys; from benchmarks.bench_train import build_sd14_pipeline; \
+  timeout 60 python -c "import sys; from benchmarks.bench_train import build_sd14_pipeline; \
 build_sd14_pipeline(sys.argv[1])" "$MODEL_DIR" 2>&1 | grep -v -i "torchvision\|shards" || true
 fi
 test -f "$MODEL_DIR/model_index.json" || { echo "gpu_check: building the SD-1.4-shaped pipeline failed" >&2; exit 1; }
 echo "pipeline ready after $(( $(date +%s) - start )) s"
 
 # 1. both layouts, both methods, fp32 and bf16 (8 processes)
-timeout 150 python benchmarks/bench_train.py --model sd14 --model_dir "$MODEL_DIR" --resolution 512 --device cuda \
+timeout 140 python benchmarks/bench_train.py --model sd14 --model_dir "$MODEL_DIR" --resolution 512 --device cuda \
   --mixed_precision no bf16 --methods sdd esd --steps 3 --warmup 1 --num_ddim_steps 10 \
   --json "$RESULTS/gpu_512.json" 2>&1 | grep -v -i "torchvision" | tee "$RESULTS/gpu_512.md"
 echo "part 1 done after $(( $(date +%s) - start )) s"
 
 # 2. the 12 GB configuration: bf16 frozen weights + gradient checkpointing (ours; the reference has no such option)
-timeout 60 python benchmarks/bench_train.py --model sd14 --model_dir "$MODEL_DIR" --resolution 512 --device cuda \
-  --mixed_precision bf16 --methods sdd --steps 3 --warmup 1 --num_ddim_steps 10 --gradient_checkpointing \
+timeout 35 python benchmarks/bench_train.py --model sd14 --model_dir "$MODEL_DIR" --resolution 512 --device cuda \
+  --mixed_precision bf16 --methods sdd --layouts ours --steps 3 --warmup 1 --num_ddim_steps 10 --gradient_checkpointing \
   --json "$RESULTS/gpu_512_bf16_gc.json" 2>&1 | grep -v -i "torchvision" | tee "$RESULTS/gpu_512_bf16_gc.md"
 echo "gpu_check done in $(( $(date +%s) - start )) s; results in $RESULTS"
