@@ -317,3 +317,11 @@ def test_bash_example_flags_parse(script):
         assert args.num_train_steps == (1500 if script == "run_sdd_nudity.sh" else 1000)
     else:
         assert args.pretrained_model_name_or_path == "assets/toy-sd" and "red" in args.removing_concepts[0]
+
+
+def test_mixed_precision_starts_from_unrounded_fp32_weights(tiny_pipeline, tmp_path):
+    out = train_esd.main(esd_args(tiny_pipeline, tmp_path / "o", "--mixed_precision", "bf16", "--learning_rate", "0",
+                                  "--num_train_steps", "1"))
+    base = UNet2DConditionModel.from_pretrained(tiny_pipeline / "unet").state_dict()
+    with safe_open(str(out / "erasure.safetensors"), "pt") as f:
+        assert all(torch.equal(f.get_tensor(k), base[k]) for k in f.keys())

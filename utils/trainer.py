@@ -30,7 +30,7 @@ from utils.params import FINETUNING_METHODS, describe, trainable_parameters
 from utils.sampling import ddim_sample, decode_latents, jitter_timestep, trajectory_points
 from utils.saving import atomic_dir, atomic_write_text, save_erasure
 from utils.text import encode_once, read_word_list
-from utils.views import View, swapped_in
+from utils.views import View, snapshot, swapped_in
 
 log = logging.getLogger("sdd")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -292,10 +292,12 @@ def train(args: argparse.Namespace, make_method: Callable[[Setup], Method]) -> P
     else:
         parts.vae = None
 
+    # trained weights (and so grads and AdamW states) stay fp32, from their unrounded values
+    start = {} if dtype == torch.float32 else snapshot(trainable_parameters(parts.unet, args.finetuning_method))
     unet = cast(parts.unet, device, dtype).requires_grad_(False)
     subset = trainable_parameters(unet, args.finetuning_method)
-    for p in subset.values():
-        p.data = p.data.float()  # trained weights (and so grads and AdamW states) stay fp32
+    for n, p in subset.items():
+        p.data = start.pop(n).to(device) if n in start else p.data.float()
     msg = describe(subset, unet, args.finetuning_method)
     print(msg)
     logger.info(msg)
