@@ -177,6 +177,8 @@ def train_argv(spec: dict, out: Path) -> list[str]:
         argv += ["--device", spec["device"]]
     if spec["gradient_checkpointing"]:
         argv += ["--gradient_checkpointing"]
+    if spec.get("conv_autotune") and spec["layout"] == "ours":
+        argv += ["--conv_autotune"]
     return argv + list(spec.get("extra", []))
 
 
@@ -354,6 +356,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train_batch_size", type=int, default=1, help="z_T samples per step")
     p.add_argument("--gradient_checkpointing", action="store_true",
                    help="recompute activations in backward (ours only: the reference code has no such option)")
+    p.add_argument("--conv_autotune", action="store_true",
+                   help="ours with --conv_autotune (per-shape convolution kernel choice; the reference keeps stock "
+                        "kernels); its one-time timing falls in the warm-up step")
     p.add_argument("--reference_grads", choices=("subset", "all"), default="subset",
                    help="reference student's parameters that require grad: the trained subset (in its favour) or "
                         "all of them (as the reference code leaves it)")
@@ -398,6 +403,7 @@ def main(args: argparse.Namespace) -> list[dict]:
                                     num_ddim_steps=args.num_ddim_steps, finetuning_method=args.finetuning_method,
                                     train_batch_size=args.train_batch_size, seed=args.seed, device=args.device,
                                     gradient_checkpointing=args.gradient_checkpointing,
+                                    conv_autotune=args.conv_autotune,
                                     reference_grads=args.reference_grads, extra=args.extra, threads=args.threads)
                         t0 = time.time()
                         res = run_worker(spec, scratch)
@@ -412,7 +418,8 @@ def main(args: argparse.Namespace) -> list[dict]:
               f"{args.finetuning_method}, batch {args.train_batch_size}, {name}, {args.steps} steps per run "
               f"({args.warmup} warm-up), {args.repeats} run(s) per layout, reference grads: {args.reference_grads}, "
               f"{args.threads or 'default'} thread(s)"
-              + (", ours with gradient checkpointing" if args.gradient_checkpointing else ""))
+              + (", ours with gradient checkpointing" if args.gradient_checkpointing else "")
+              + (", ours with --conv_autotune" if args.conv_autotune else ""))
     print()
     print(format_table(rows, header))
     if args.json:

@@ -36,25 +36,27 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from utils.cli import HelpFormatter, UserError, run  # noqa: E402
 
 TOY_DIR = ROOT / "assets" / "toy-sd"
-RUN_RE = re.compile(r"^(reference|ours)(?:-m(\d+))?(?:-b(\d+))?$")
+RUN_RE = re.compile(r"^(reference|ours)(?:-m(\d+))?(?:-r(\d+))?(?:-b(\d+))?$")
 
 
 @dataclass
 class RunSpec:
-    """One contestant: the reference layout, or our trainer with M trajectory samples and batch B."""
+    """One contestant: the reference layout, or our trainer with M trajectory samples, reuse R and batch B."""
 
     name: str
     layout: str
     trajectory_samples: int
+    trajectory_reuse: int
     batch: int | None
 
 
 def run_spec(text: str) -> RunSpec:
-    """'reference', 'ours', 'ours-m4' or 'ours-m4-b1' (M: --trajectory_samples, B: --train_batch_size)."""
+    """'reference', 'ours', or ours with options: -mM (--trajectory_samples M), -rR (--trajectory_reuse R),
+    -bB (--train_batch_size B) in that order, e.g. 'ours-m4-b1', 'ours-r20'."""
     m = RUN_RE.match(text)
-    if not m or (m.group(1) == "reference" and (m.group(2) or m.group(3))):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected reference, ours, ours-mM or ours-mM-bB")
-    return RunSpec(text, m.group(1), int(m.group(2) or 1), int(m.group(3)) if m.group(3) else None)
+    if not m or (m.group(1) == "reference" and any(m.groups()[1:])):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected reference, ours or ours[-mM][-rR][-bB]")
+    return RunSpec(text, m.group(1), int(m.group(2) or 1), int(m.group(3) or 1), int(m.group(4)) if m.group(4) else None)
 
 
 # ------------------------------------------------------------------------------------------------ contestants
@@ -149,7 +151,8 @@ def make_contestant(spec: RunSpec, args: argparse.Namespace, out_root: Path) -> 
             "--learning_rate", str(args.learning_rate), "--ema_decay", str(args.ema_decay),
             "--num_ddim_steps", str(args.num_ddim_steps), "--guidance_scale", str(args.guidance_scale),
             "--train_batch_size", str(spec.batch or args.train_batch_size), "--seed", str(args.seed),
-            "--trajectory_samples", str(spec.trajectory_samples), "--num_train_steps", str(args.max_steps),
+            "--trajectory_samples", str(spec.trajectory_samples), "--trajectory_reuse", str(spec.trajectory_reuse),
+            "--num_train_steps", str(args.max_steps),
             "--checkpointing_steps", str(args.check_every), "--checkpoints_total_limit", "1",
             "--output_dir", str(out), "--device", "cpu"]
     if args.resolution:
@@ -201,10 +204,10 @@ def format_table(rows: list[dict], base: dict, header: str, concept: str) -> str
     colours = list(base["colour_rate"])
     ref = next((r for r in rows if r["layout"] == "reference" and r["erased_at"] is not None), None)
     lines = [header, "",
-             "| run | M | batch | steps to erase | train s to erase | s/step | time vs reference | "
+             "| run | M | R | batch | steps to erase | train s to erase | s/step | time vs reference | "
              + " | ".join(f"{c} %" for c in colours) + " | shape % |",
-             "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(colours) + 1)]
-    lines.append(f"| base model | | | | | | | " + " | ".join(f"{100 * base['colour_rate'][c]:.1f}" for c in colours)
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(colours) + 1)]
+    lines.append(f"| base model | | | | | | | | " + " | ".join(f"{100 * base['colour_rate'][c]:.1f}" for c in colours)
                  + f" | {100 * base['shape_acc']:.1f} |")
     for r in rows:
         q = r["final"]
@@ -212,7 +215,7 @@ def format_table(rows: list[dict], base: dict, header: str, concept: str) -> str
         secs = f"{r['seconds_to_erase']:.1f}" if r["erased_at"] is not None else f">{r['seconds']:.1f}"
         ratio = (f"**{r['seconds_to_erase'] / ref['seconds_to_erase']:.2f}**"
                  if ref and r["erased_at"] is not None else "n/a")
-        lines.append(f"| {r['name']} | {r['trajectory_samples']} | {r['batch']} | {steps} | {secs} | "
+        lines.append(f"| {r['name']} | {r['trajectory_samples']} | {r['trajectory_reuse']} | {r['batch']} | {steps} | {secs} | "
                      f"{r['seconds'] / max(r['steps'], 1):.3f} | {ratio} | "
                      + " | ".join(f"{100 * q['colour_rate'][c]:.1f}" for c in colours)
                      + f" | {100 * q['shape_acc']:.1f} |")
@@ -229,8 +232,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default=str(TOY_DIR), help="toy pipeline folder (utils.toy train)")
     p.add_argument("--runs", nargs="+", type=run_spec, metavar="RUN",
-                   default=[run_spec(s) for s in ("reference", "ours", "ours-m4", "ours-m4-b1")],
-                   help="contestants: reference, ours, ours-mM (--trajectory_samples M), ours-mM-bB (and batch B)")
+                   default=[run_spec(s) for s in ("reference", "ours", "ours-r10", "ours-r20")],
+                   help="contestants: reference, ours, ours[-mM][-rR][-bB] (--trajectory_samples M, --trajectory_reuse "
+                        "R, --train_batch_size B)")
     p.add_argument("--concept", choices=list(COLOURS), default="red", help="colour to erase")
     p.add_argument("--removal", choices=("captions", "word"), default="captions",
                    help="what SDD removes: the colour's captions ('a red circle', ... one per step, c_s = c_p), or the "
@@ -300,6 +304,7 @@ def main(args: argparse.Namespace) -> list[dict]:
                     r.erased_at = r.steps if ok else None
                     r.final = judge(state, args.final_n_per_prompt, args.seed + 1)
         rows = [dict(name=r.spec.name, layout=r.spec.layout, trajectory_samples=r.spec.trajectory_samples,
+                     trajectory_reuse=r.spec.trajectory_reuse,
                      batch=r.args.train_batch_size, steps=r.steps, seconds=r.seconds, erased_at=r.erased_at,
                      seconds_to_erase=r.seconds if r.erased_at is not None else None, final=r.final, checks=r.checks)
                 for r in runs]

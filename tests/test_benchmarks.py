@@ -29,7 +29,7 @@ def one_thread():
 def test_bench_train_tiny_prints_a_table_with_ratios(tmp_path):
     out = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--model", "tiny", "--model_dir",
                           str(tmp_path / "tiny"), "--resolution", "0", "--steps", "2", "--warmup", "0", "--methods",
-                          "sdd", "--num_ddim_steps", "3", "--threads", "1", "--json", str(tmp_path / "r.json")],
+                          "sdd", "--num_ddim_steps", "3", "--threads", "1", "--conv_autotune", "--json", str(tmp_path / "r.json")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     row = next(ln for ln in out.stdout.splitlines() if ln.startswith("| sdd | fp32 |"))
@@ -37,7 +37,7 @@ def test_bench_train_tiny_prints_a_table_with_ratios(tmp_path):
     assert float(cells[2]) > 0 and float(cells[3]) > 0                      # s/step, ours and reference
     assert float(cells[4].strip("*")) == pytest.approx(float(cells[2]) / float(cells[3]), abs=0.01, rel=0.02)
     assert 0 < float(cells[7].strip("*")) <= 1.5                            # peak-memory ratio
-    assert "text encoding" in out.stdout and (tmp_path / "r.json").exists()
+    assert "text encoding" in out.stdout and "ours with --conv_autotune" in out.stdout and (tmp_path / "r.json").exists()
 
 
 @pytest.mark.parametrize("mod", [train_sdd, train_esd], ids=["sdd", "esd"])
@@ -57,14 +57,14 @@ def test_reference_layout_reproduces_our_trainer_step_by_step(tiny_pipeline, tmp
 
 
 def test_time_to_erase_plumbing_on_tiny(tiny_pipeline, tmp_path, capsys, one_thread):
-    args = time_to_erase.parse_args(["--model", str(tiny_pipeline), "--runs", "reference", "ours-m2-b1",
+    args = time_to_erase.parse_args(["--model", str(tiny_pipeline), "--runs", "reference", "ours-m2-b1", "ours-r3",
                                      "--max_steps", "2", "--check_every", "2", "--n_per_prompt", "1",
                                      "--final_n_per_prompt", "1", "--num_ddim_steps", "3", "--threads", "1",
                                      "--output_dir", str(tmp_path / "runs")])
     rows = time_to_erase.main(args)
-    assert [r["name"] for r in rows] == ["reference", "ours-m2-b1"]
+    assert [r["name"] for r in rows] == ["reference", "ours-m2-b1", "ours-r3"]
     assert all(r["steps"] == 2 and r["seconds"] > 0 for r in rows)
-    assert rows[1]["trajectory_samples"] == 2 and rows[1]["batch"] == 1
-    assert "| reference | 1 | 4 |" in capsys.readouterr().out
+    assert rows[1]["trajectory_samples"] == 2 and rows[1]["batch"] == 1 and rows[2]["trajectory_reuse"] == 3
+    assert "| reference | 1 | 1 | 4 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         time_to_erase.parse_args(["--runs", "reference-m2"])

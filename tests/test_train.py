@@ -20,7 +20,7 @@ import train_sdd
 from utils.cli import UserError
 from utils.concepts import concept_schedule
 from utils.params import FINETUNING_METHODS, trainable_parameters
-from utils.sampling import partial_trajectory, trajectory_points
+from utils.sampling import TrajectoryQueue, partial_trajectory, trajectory_points
 from utils.tiny import tiny_unet
 from utils.trainer import Setup
 from utils.views import call, ema_update, snapshot
@@ -172,6 +172,43 @@ def test_trajectory_samples_flag_trains(tiny_pipeline, tmp_path, script):
         mod.main(make(tiny_pipeline, tmp_path / "p", "--trajectory_samples", "5"))
 
 
+def test_trajectory_queue_serves_r_micro_steps_from_one_trajectory():
+    torch.manual_seed(0)
+    unet, sched = tiny_unet().eval(), DDIMScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(8)
+    calls = []
+    unet.register_forward_hook(lambda *a: calls.append(1))
+    embeds, u = {"x": torch.randn(1, 16, 32)}, torch.randn(1, 16, 32)
+    queue, gen = TrajectoryQueue(8, samples=2, reuse=3), torch.Generator().manual_seed(0)
+    items = [queue.next(unet, None, sched, (2, 4, 16, 16), torch.device("cpu"), embeds, "x", u, 3.0, gen)
+             for _ in range(3)]
+    ks = [int(sched.timesteps.tolist().index(int(t))) for it in items for t in it["t"][::2]]
+    assert len(set(ks)) == 6 and len(calls) == max(ks)  # 6 distinct k, one pass of the teacher to the largest
+    assert all(it["k"] == max(ks[2 * i:2 * i + 2]) and it["z"].shape == (4, 4, 16, 16) for i, it in enumerate(items))
+    gen = torch.Generator().manual_seed(0)  # replay the queue's draws: the k permutation, then z_T
+    torch.randperm(8, generator=gen)
+    z_T = torch.randn((2, 4, 16, 16), generator=gen)
+    z, _ = partial_trajectory(unet, None, sched, z_T, embeds["x"], u, 3.0, ks[3])
+    assert torch.allclose(items[1]["z"][2:], z, atol=1e-6)  # the same points a fresh trajectory would give
+    queue.next(unet, None, sched, (2, 4, 16, 16), torch.device("cpu"), embeds, "x", u, 3.0, gen)
+    assert len(calls) > max(ks)  # the queue ran dry: a new trajectory
+    with pytest.raises(ValueError, match="samples \\* reuse"):
+        TrajectoryQueue(8, samples=3, reuse=3)
+
+
+def test_trajectory_reuse_keeps_the_concept_of_its_trajectory(tiny_pipeline, tmp_path):
+    out = train_sdd.main(sd_args(tiny_pipeline, tmp_path / "o", "--num_train_steps", "6", "--trajectory_reuse", "2",
+                                 "--removal_target", "current"))
+    concepts = [line.split("concept ")[1].split(" k ")[0] for line in (out / "train.log").read_text().splitlines()
+                if " loss " in line]
+    assert concepts == ["'nudity'", "'red circle'"] * 3  # the concept schedule is kept
+    # one trajectory per concept serves that concept's two steps: the first of each pair samples, the second does not
+    ks = [int(line.split(" k ")[1].split()[0]) for line in (out / "train.log").read_text().splitlines() if " loss " in line]
+    assert ks[0] != ks[2] and ks[1] != ks[3]  # two distinct k of one trajectory
+    with pytest.raises(UserError, match="trajectory_reuse"):
+        train_sdd.main(sd_args(tiny_pipeline, tmp_path / "p", "--trajectory_reuse", "3", "--trajectory_samples", "2"))
+
+
 def test_v_prediction_model_trains_and_samples(tiny_vpred_pipeline, tmp_path):
     train_sdd.main(sd_args(tiny_vpred_pipeline, tmp_path / "o", "--learning_rate", "1e-3"))
     pipe = StableDiffusionPipeline.from_pretrained(tiny_vpred_pipeline,
@@ -203,11 +240,13 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
 
 
-@pytest.mark.parametrize("script", ["sdd", "esd"])
-def test_resume_equals_uninterrupted(tiny_pipeline, tmp_path, script):
+@pytest.mark.parametrize("script,reuse", [("sdd", "1"), ("esd", "1"), ("sdd", "3")])
+def test_resume_equals_uninterrupted(tiny_pipeline, tmp_path, script, reuse):
     mod, make = (train_sdd, sd_args) if script == "sdd" else (train_esd, esd_args)
+    # with --trajectory_reuse 3 the step-2 checkpoint falls inside a trajectory (2 of its 3 micro-steps left)
     extra = ["--num_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--seed", "3",
-             "--timestep_jitter", "--gradient_accumulation_steps", "2", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1"]
+             "--timestep_jitter", "--gradient_accumulation_steps", "2", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1",
+             "--trajectory_reuse", reuse]
     if script == "sdd":
         extra += ["--ema_decay", "0.5"]
     full = mod.main(make(tiny_pipeline, tmp_path / "full", *extra))
@@ -325,3 +364,25 @@ def test_mixed_precision_starts_from_unrounded_fp32_weights(tiny_pipeline, tmp_p
     base = UNet2DConditionModel.from_pretrained(tiny_pipeline / "unet").state_dict()
     with safe_open(str(out / "erasure.safetensors"), "pt") as f:
         assert all(torch.equal(f.get_tensor(k), base[k]) for k in f.keys())
+
+
+def test_conv_autotune_matches_stock_kernels(tiny_pipeline, tmp_path):
+    from utils import convtune
+    torch.manual_seed(0)
+    conv, x = torch.nn.Conv2d(8, 16, 3, padding=1), torch.randn(2, 8, 6, 6, requires_grad=True)
+    ref = conv(x)
+    ref.sum().backward()
+    g_ref, x.grad = x.grad.clone(), None
+    assert convtune.autotune_convolutions(conv, torch.device("cpu")) == 1
+    out = conv(x)
+    out.sum().backward()
+    key = next(k for k in convtune._CHOICE if k[0] == (2, 8, 6, 6) and k[1] == (16, 8, 3, 3))
+    assert isinstance(convtune._CHOICE[key], bool)  # timed once, remembered
+    assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(x.grad, g_ref, atol=1e-5)
+    # a whole run: same result as untuned kernels up to rounding; the choice is logged before training starts
+    a = train_sdd.main(sd_args(tiny_pipeline, tmp_path / "a", "--learning_rate", "1e-3"))
+    b = train_sdd.main(sd_args(tiny_pipeline, tmp_path / "b", "--learning_rate", "1e-3", "--conv_autotune"))
+    wa, wb = final_weights(a), final_weights(b)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    log = (b / "train.log").read_text()
+    assert log.index("convolution kernels chosen per shape") < log.index("training starts")

@@ -65,3 +65,43 @@ def decode_latents(vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [0, 1], (B, 3, H, W), float32 on the CPU."""
     x = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample
     return (x.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+
+class TrajectoryQueue:
+    """z_t for each micro-step (SDD Alg. 1: k ~ U[0, N-1], z_T ~ N(0, I), k guided DDIM steps of the sampler).
+
+    With `reuse` R > 1, one batch of trajectories serves R micro-steps of its concept: R * M distinct k are drawn at
+    once, the teacher runs to the largest, and each of that concept's next R micro-steps trains on M of them (opt-in;
+    the sampler is then a few steps stale). R = 1 is the paper's fresh trajectory every micro-step.
+    """
+
+    def __init__(self, num_steps: int, samples: int = 1, reuse: int = 1) -> None:
+        if samples < 1 or reuse < 1 or samples * reuse > num_steps:
+            raise ValueError(f"need 1 <= samples * reuse <= {num_steps}, got samples {samples}, reuse {reuse}")
+        self.num_steps, self.samples, self.reuse = num_steps, samples, reuse
+        self.queues: dict[str, list[dict]] = {}  # per concept: the micro-steps still to serve
+
+    def next(self, unet: torch.nn.Module, view: View | None, scheduler, shape: Sequence[int], device: torch.device,
+             embeds: dict[str, torch.Tensor], concept: str, uncond: torch.Tensor, scale: float,
+             generator: torch.Generator) -> dict:
+        """{z, t, k (the largest of the micro-step's)} for `concept`; samples R micro-steps' worth when none is left."""
+        queue = self.queues.setdefault(concept, [])
+        if not queue:
+            ks = torch.randperm(self.num_steps, generator=generator)[:self.samples * self.reuse]
+            groups = [g.sort().values.tolist() for g in ks.view(self.reuse, self.samples)]
+            z_T = torch.randn(tuple(shape), generator=generator).to(device)
+            zs, ts = trajectory_points(unet, view, scheduler, z_T, embeds[concept], uncond, scale,
+                                       [k for g in groups for k in g])
+            n = self.samples * len(z_T)
+            queue += [dict(z=z, t=t, k=g[-1]) for z, t, g in zip(zs.split(n), ts.split(n), groups)]
+        return queue.pop(0)
+
+    def state_dict(self) -> dict:
+        """The micro-steps still queued (checkpointed so that a resumed run continues bit for bit)."""
+        return {c: [{k: v.cpu() if torch.is_tensor(v) else v for k, v in item.items()} for item in q]
+                for c, q in self.queues.items()}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        """Restore the queued micro-steps."""
+        self.queues = {c: [{k: v.to(device) if torch.is_tensor(v) else v for k, v in item.items()} for item in q]
+                       for c, q in state.items()}
