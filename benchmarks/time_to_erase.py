@@ -1,14 +1,14 @@
 """Wall-clock training time until SDD erases a colour in the toy world: our trainer against the reference layout.
 
 Every run trains SDD on assets/toy-sd with the same hyperparameters and seed. Runs advance in turns of --check_every
-steps (ours, reference, ours with --trajectory_samples M, ...), so that a busy machine slows them alike; after each
+steps (reference, ours, ours with --trajectory_reuse R, ...), so that a busy machine slows them alike; after each
 turn the run's EMA teacher (SDD's result) is judged with utils.toy.measure: the run has erased the concept once the
 concept colour's rate is <= --max_concept_rate and every other colour's rate is >= --min_other_rate. Only training
 steps are timed: loading, checkpoints, resumes and checks are not (ours is resumed from its checkpoint every turn,
 so the real trainer, train_sdd.main, runs unchanged). The quality at the stop is then measured again on fresh seeds.
 
     python benchmarks/time_to_erase.py --threads 1
-    python benchmarks/time_to_erase.py --runs reference ours ours-m4-b1 --max_steps 400
+    python benchmarks/time_to_erase.py --runs reference ours ours-r5 ours-r10 ours-r20 --max_steps 450 --threads 1
 """
 from __future__ import annotations
 
@@ -232,7 +232,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default=str(TOY_DIR), help="toy pipeline folder (utils.toy train)")
     p.add_argument("--runs", nargs="+", type=run_spec, metavar="RUN",
-                   default=[run_spec(s) for s in ("reference", "ours", "ours-r10", "ours-r20")],
+                   default=[run_spec(s) for s in ("reference", "ours", "ours-r5", "ours-r10")],
                    help="contestants: reference, ours, ours[-mM][-rR][-bB] (--trajectory_samples M, --trajectory_reuse "
                         "R, --train_batch_size B)")
     p.add_argument("--concept", choices=list(COLOURS), default="red", help="colour to erase")
