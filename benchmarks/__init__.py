@@ -1,1 +1,1 @@
-"""Benchmarks: time and memory of our trainers against the reference code's layout (see benchmarks/README.md)."""
+"""Benchmarks: time and memory of our trainers against the reference code's layout (see docs/performance.md)."""

@@ -238,7 +238,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concept", choices=list(COLOURS), default="red", help="colour to erase")
     p.add_argument("--removal", choices=("captions", "word"), default="captions",
                    help="what SDD removes: the colour's captions ('a red circle', ... one per step, c_s = c_p), or the "
-                        "bare word (c_s = 'red': on the toy model this wipes out every colour, see README)")
+                        "bare word (c_s = 'red': on the toy model this wipes out every colour, see docs/performance.md)")
     p.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (both layouts)")
     p.add_argument("--ema_decay", type=float, default=0.99, help="SDD's EMA decay m (both layouts)")
     p.add_argument("--num_ddim_steps", type=int, default=20, help="N: DDIM steps of the teacher's trajectory")

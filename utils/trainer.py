@@ -55,10 +55,10 @@ def add_training_args(p: argparse.ArgumentParser, *, num_train_steps: int, weigh
     g.add_argument("--num_ddim_steps", type=int, default=50, help="N: DDIM steps of the sampling trajectory")
     g.add_argument("--trajectory_samples", type=int, default=1,
                    help="M: train on M distinct steps of each sampled trajectory (amortises the teacher; opt-in, "
-                        "changes the training distribution; see README 'Performance')")
+                        "changes the training distribution; see docs/performance.md)")
     g.add_argument("--trajectory_reuse", type=int, default=1,
                    help="R: each teacher trajectory serves R micro-steps (M each; R * M <= N); cuts the teacher's "
-                        "cost ~R-fold; opt-in, changes the training distribution; see README 'Performance'")
+                        "cost ~R-fold; opt-in, changes the training distribution; see docs/performance.md")
     g.add_argument("--timestep_jitter", action="store_true",
                    help="train at a DDPM timestep drawn inside t's DDIM bucket instead of t (reference code)")
     g = p.add_argument_group("optimization")
