@@ -1,0 +1,221 @@
+"""`python -m utils.toy {train,judge,quality,compare,prompts}`: train the toy model, check the judge, measure.
+
+  python -m utils.toy train --output_dir assets/toy-sd                  # seeded, CPU
+  python -m utils.toy judge                                             # the judge on freshly rendered images
+  python -m utils.toy quality --model assets/toy-sd                     # base quality (README numbers)
+  python -m utils.toy compare --unet OUT/unet --concepts red            # erasure table + OUT/before_after.png
+  python -m utils.toy prompts --concepts red --output red.csv           # the same prompts as a generate.py file
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from utils.cli import HelpFormatter, UserError, run
+from utils.saving import atomic_write_text
+from utils.toy import measure as M
+from utils.toy.grids import before_after_grid, quality_grid
+from utils.toy.judge import judge
+from utils.toy.language import COLOURS
+from utils.toy.render import make_dataset
+from utils.toy.train import DEFAULT_GUIDANCE, DEFAULT_STEPS, train
+
+
+def _pct(x: float) -> str:
+    return "  n/a" if x != x else f"{100 * x:5.1f}"
+
+
+def format_quality(res: dict) -> str:
+    """Rows: colours; columns: explicit / paraphrase / implied rates and shape accuracy; then the empty prompt's mix."""
+    lines = [f"{'colour':<8} {'explicit%':>9} {'paraphrase%':>11} {'implied%':>8} {'shape%':>6}"]
+    for c in res["rate"].get("explicit", {}):
+        r = res["rate"]
+        lines.append(f"{c:<8} {_pct(r['explicit'][c]):>9} {_pct(r['paraphrase'][c]):>11} {_pct(r['implied'][c]):>8} "
+                     f"{_pct(res['shape_acc'][c]):>6}")
+    lines.append(f"{'all':<8} {'':>9} {'':>11} {'':>8} {_pct(res['shape_acc']['all']):>6}")
+    if res["empty_mix"]:
+        lines.append("empty prompt draws: " + ", ".join(f"{c} {_pct(v).strip()}%" for c, v in res["empty_mix"].items() if v))
+    return "\n".join(lines)
+
+
+def format_erasure(res: dict, seconds: float | None = None) -> str:
+    """One table: per erased colour its explicit / paraphrase / implied rate before and after, then preservation."""
+    lines = [f"{'':<34} {'before':>7} {'after':>7}"]
+    for c in res["concepts"]:
+        for kind in M.KINDS:
+            label = f"{c} rate, {kind}{' (objects)' if kind == 'implied' else ''}"
+            lines.append(f"{label:<34} {_pct(res['before'][kind][c]):>7} {_pct(res['after'][kind][c]):>7}")
+    kept = res["preserved"]
+    neighbours = [M.NEIGHBOURS[c] for c in res["concepts"] if M.NEIGHBOURS[c] not in res["concepts"]]
+    if neighbours:
+        lines.append(f"{'neighbour preserved (' + ', '.join(neighbours) + ')':<34} {'':>7} "
+                     f"{_pct(res['preserved_neighbours']):>7}")
+    others = ", ".join(f"{c} {_pct(v).strip()}" for c, v in kept.items() if c not in neighbours)
+    lines.append(f"{'other colours preserved':<34} {'':>7} {_pct(res['preserved_others']):>7}   ({others})")
+    lines.append(f"{'shape accuracy':<34} {_pct(res['shape_acc_before']):>7} {_pct(res['shape_acc_after']):>7}")
+    if seconds is not None:
+        lines.append(f"{'training time (s)':<34} {'':>7} {seconds:>7.0f}")
+    return "\n".join(lines)
+
+
+def training_seconds(unet_path: str | Path) -> float | None:
+    """The training time a trainer logged next to its result (OUT/train.log), None when there is none."""
+    path = Path(unet_path)
+    log = (path.parent if path.name == "unet" or path.is_file() else path) / "train.log"
+    if not log.is_file():
+        return None
+    found = re.findall(r"trained \d+ steps in ([0-9.]+) s", log.read_text(encoding="utf-8"))
+    return float(found[-1]) if found else None
+
+
+def main_judge(args: argparse.Namespace) -> None:
+    """`judge`: the judge's accuracy on freshly rendered images of every colour and shape."""
+    images, labels = make_dataset(args.n, args.seed)
+    verdicts = [judge(im) for im in images]
+    print(f"judge on {args.n} rendered images (seed {args.seed}): colour "
+          f"{100 * np.mean([v[0] == l[0] for v, l in zip(verdicts, labels)]):.2f}%, shape "
+          f"{100 * np.mean([v[1] == l[1] for v, l in zip(verdicts, labels)]):.2f}%")
+    for c in COLOURS:
+        ok = [v[0] == c for v, l in zip(verdicts, labels) if l[0] == c]
+        print(f"  {c:<7} {100 * np.mean(ok):.2f}% of {len(ok)}")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size)
+
+
+def main_quality(args: argparse.Namespace) -> dict:
+    """`quality`: a model's explicit / paraphrase / implied colour rates, shape accuracy and the empty prompt's mix."""
+    pipe = M.load_pipeline(args.model, args.unet, args.device)
+    items = M.quality_items(args.n_per_prompt, args.seed, args.colours, empty=args.n_empty)
+    t0 = time.time()
+    images = M.draw(pipe, items, desc="quality", **_sampling(args))
+    res = M.quality(items, images)
+    print(f"{args.model}{' + ' + str(args.unet) if args.unet else ''}: {args.n_per_prompt} images per prompt, seed "
+          f"{args.seed}, {args.steps} DDIM steps, guidance {args.guidance_scale} ({time.time() - t0:.0f} s)")
+    print(format_quality(res))
+    if args.output:
+        quality_grid(items, images, args.show).save(args.output)
+        Path(args.output).with_suffix(".json").write_text(json.dumps(dict(settings=vars_of(args), **res), indent=1))
+        print(f"wrote {args.output} and {Path(args.output).with_suffix('.json')}")
+    return res
+
+
+def vars_of(args: argparse.Namespace) -> dict:
+    """The parsed flags, JSON-ready."""
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
+def main_compare(args: argparse.Namespace) -> dict:
+    """`compare`: the base model against the same pipeline with an erased U-Net, seed for seed."""
+    out = Path(args.output)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--output {out} must be a .png file (the JSON goes beside it)")
+    items = M.erasure_items(args.concepts, args.n_per_prompt, args.seed)
+    pipe = M.load_pipeline(args.base, None, args.device)
+    erased = M.load_pipeline(args.base, args.unet, args.device)  # checked before the long part
+    before = M.draw(pipe, items, desc="base model", **_sampling(args))
+    after = M.draw(erased, items, desc="erased model", **_sampling(args))
+    res = M.erasure(items, before, after, args.concepts)
+    seconds = training_seconds(args.unet)
+    print(f"erased {', '.join(args.concepts)}: {args.unet} against {args.base} ({args.n_per_prompt} images per prompt, "
+          f"seed {args.seed}, {args.steps} DDIM steps, guidance {args.guidance_scale})")
+    print(format_erasure(res, seconds))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    before_after_grid(items, before, after, args.concepts, args.show).save(out)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(
+        dict(settings=vars_of(args), training_seconds=seconds, **res), indent=1))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return res
+
+
+def main_prompts(args: argparse.Namespace) -> None:
+    """`prompts`: the erasure (or quality) prompts with their seeds as a CSV for generate.py."""
+    items = M.erasure_items(args.concepts, args.n_per_prompt, args.seed) if args.concepts else \
+        M.quality_items(args.n_per_prompt, args.seed, empty=args.n_per_prompt)
+    M.write_items(items, args.output)
+    print(f"wrote {len(items)} rows to {args.output}")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, n: int) -> None:
+    p.add_argument("--n_per_prompt", type=int, default=n, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial latents (each image has its own)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="DDIM inference steps")
+    p.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
+    p.add_argument("--batch_size", type=int, default=64, help="images per pipeline call")
+    p.add_argument("--show", type=int, default=6, help="images per prompt shown in the PNG grid")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse `python -m utils.toy {train,judge,quality,compare,prompts} ...`."""
+    parser = argparse.ArgumentParser(prog="python -m utils.toy", description=__doc__, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="render the data and train the toy pipeline (CPU, seeded)", formatter_class=HelpFormatter)
+    p.add_argument("--output_dir", default="assets/toy-sd", help="where the pipeline, train_toy.log and checkpoints go")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the initial weights and training")
+    p.add_argument("--n_images", type=int, default=12000, help="rendered training images (colours and shapes balanced)")
+    p.add_argument("--vae_steps", type=int, default=600, help="VAE training steps")
+    p.add_argument("--vae_batch_size", type=int, default=32, help="VAE batch size")
+    p.add_argument("--vae_lr", type=float, default=1e-3, help="VAE peak learning rate (AdamW, warm-up + cosine)")
+    p.add_argument("--vae_kl_weight", type=float, default=1e-6, help="weight of the VAE's KL term")
+    p.add_argument("--unet_steps", type=int, default=4000, help="U-Net + text encoder training steps")
+    p.add_argument("--unet_batch_size", type=int, default=64, help="U-Net batch size")
+    p.add_argument("--unet_lr", type=float, default=1e-3, help="U-Net + text encoder peak learning rate")
+    p.add_argument("--checkpoint_every", type=int, default=250, help="steps between checkpoints (resumed automatically)")
+    p.add_argument("--keep_checkpoints", action="store_true", help="keep OUTPUT_DIR/checkpoints after success")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=lambda a: train(a))
+
+    p = sub.add_parser("judge", help="accuracy of the judge on freshly rendered images", formatter_class=HelpFormatter)
+    p.add_argument("--n", type=int, default=2400, help="rendered images")
+    p.add_argument("--seed", type=int, default=12345, help="seed of the rendering")
+    p.set_defaults(func=main_judge)
+
+    p = sub.add_parser("quality", help="a model's colour rates on explicit, paraphrase and implied prompts",
+                       formatter_class=HelpFormatter)
+    p.add_argument("--model", default="assets/toy-sd", help="pipeline folder")
+    p.add_argument("--unet", default=None, help="optional U-Net folder or erasure file replacing the pipeline's")
+    p.add_argument("--colours", nargs="+", choices=list(COLOURS), default=None, help="colours to measure (None: all)")
+    p.add_argument("--n_empty", type=int, default=120, help="images of the empty prompt (its colour mix)")
+    p.add_argument("--output", default=None, help="optional PNG grid of samples; JSON beside it")
+    _add_sampling_flags(p, 20)
+    p.set_defaults(func=main_quality)
+
+    p = sub.add_parser("compare", help="base model vs an erased U-Net: table, PNG grid and JSON", formatter_class=HelpFormatter)
+    p.add_argument("--base", default="assets/toy-sd", help="base pipeline folder")
+    p.add_argument("--unet", required=True, help="erased U-Net folder (OUT/unet) or erasure file")
+    p.add_argument("--concepts", nargs="+", default=["red"], help=f"erased colours ({', '.join(COLOURS)})")
+    p.add_argument("--output", required=True, help="PNG grid, before on the left, after on the right; JSON beside it")
+    _add_sampling_flags(p, 8)
+    p.set_defaults(func=main_compare)
+
+    p = sub.add_parser("prompts", help="the measurement prompts with per-image seeds as a generate.py CSV",
+                       formatter_class=HelpFormatter)
+    p.add_argument("--concepts", nargs="*", default=["red"], help="erased colours; none: the base-quality prompts")
+    p.add_argument("--n_per_prompt", type=int, default=8, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-image seeds")
+    p.add_argument("--output", required=True, help="CSV file (prompt, evaluation_seed, group, asked_colour, asked_shape)")
+    p.set_defaults(func=main_prompts)
+
+    args = parser.parse_args(argv)
+    for name in ("n_per_prompt", "steps", "batch_size", "n", "n_images", "vae_steps", "unet_steps"):
+        if getattr(args, name, 1) < 1:
+            parser.error(f"--{name} must be positive")
+    return args
+
+
+def main(args: argparse.Namespace):
+    """Run the chosen subcommand."""
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    run(main, parse_args)

@@ -1,0 +1,231 @@
+"""Training the toy model on the CPU, seeded and resumable: a VAE, then the U-Net and text encoder together.
+
+The pipeline is Stable-Diffusion-shaped (CLIP tokenizer + text encoder, AutoencoderKL 32x32 -> 4x16x16,
+cross-attention UNet2DConditionModel, DDIM with SD's betas) and saved with save_pretrained, so every script loads it
+like SD. Each image's caption is drawn afresh at every use (utils.toy.language.caption_distribution).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from utils.cli import setup_logging
+from utils.toy.judge import judge
+from utils.toy.language import COLOURS, SHAPES, caption_distribution, vocabulary
+from utils.toy.render import RESOLUTION, make_dataset
+
+MODEL_MAX_LENGTH = 16
+DEFAULT_GUIDANCE = 5.0
+DEFAULT_STEPS = 20
+SAMPLING_DEFAULTS = "sampling_defaults.json"  # generate.py reads a model folder's recommended sampling settings
+
+
+def build_models(tokenizer, seed: int = 0):
+    """Fresh (untrained) text encoder, VAE and U-Net of the toy model, seeded."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, projection_dim=64, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8, sample_size=RESOLUTION)
+    unet = UNet2DConditionModel(
+        sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        # cross-attention (and self-attention) at the 8x8 level and in the mid block only: the 16x16 level's
+        # attention doubled the CPU cost of a training step without being needed for colour and shape
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8)
+    return text_encoder, vae, unet
+
+
+def make_tokenizer(folder: str | os.PathLike):
+    """The toy tokenizer: every word of the language is one token."""
+    from utils.tokenizer import write_clip_tokenizer
+
+    return write_clip_tokenizer(folder, vocabulary(), model_max_length=MODEL_MAX_LENGTH)
+
+
+def make_scheduler():
+    """DDIM with Stable Diffusion's beta schedule."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+def _lr_at(step: int, total: int, warmup: int, final_frac: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay to `final_frac` of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def _to_unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 (n, H, W, 3) -> float (n, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _resumable_loop(name: str, modules: dict[str, torch.nn.Module], params: list, lr: float, weight_decay: float,
+                    steps: int, seed: int, loss_fn: Callable[[torch.Generator], tuple[torch.Tensor, dict]],
+                    args: argparse.Namespace, ckpt_dir: Path, log: logging.Logger) -> None:
+    """AdamW with warm-up + cosine, gradient clipping, a tqdm bar and checkpoints at ckpt_dir/{name}.pt (resumed)."""
+    ckpt = ckpt_dir / f"{name}.pt"
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_at(s, steps, min(200, steps // 10 + 1)))
+    gen = torch.Generator().manual_seed(seed)
+    start = 0
+    if ckpt.exists():
+        st = torch.load(ckpt, weights_only=False)
+        for k, m in modules.items():
+            m.load_state_dict(st[k])
+        opt.load_state_dict(st["opt"]), sched.load_state_dict(st["sched"]), gen.set_state(st["gen"])
+        start = st["step"]
+        log.info("%s: resumed from %s at step %d", name, ckpt, start)
+    for m in modules.values():
+        m.train()
+    bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, disable=args.quiet, dynamic_ncols=True)
+    for step in bar:
+        loss, extra = loss_fn(gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", **{k: f"{v:.4f}" for k, v in extra.items()})
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            log.info("%s step %d/%d loss %.5f %s lr %.2e", name, step + 1, steps, loss.item(),
+                     " ".join(f"{k} {v:.5f}" for k, v in extra.items()), sched.get_last_lr()[0])
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == steps:
+            state = {k: m.state_dict() for k, m in modules.items()}
+            state.update(opt=opt.state_dict(), sched=sched.state_dict(), gen=gen.get_state(), step=step + 1)
+            torch.save(state, ckpt.with_suffix(".tmp"))
+            os.replace(ckpt.with_suffix(".tmp"), ckpt)
+    for m in modules.values():
+        m.eval()
+
+
+def train_vae(vae, images: np.ndarray, args: argparse.Namespace, ckpt_dir: Path, log: logging.Logger) -> None:
+    """Train the VAE on the images: MSE + a small KL term."""
+    x_all = _to_unit(images)
+
+    def loss_fn(gen: torch.Generator):
+        x = x_all[torch.randint(len(x_all), (args.vae_batch_size,), generator=gen)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.mean + post.std * torch.randn(post.mean.shape, generator=gen)).sample
+        mse = torch.nn.functional.mse_loss(rec, x)
+        return mse + args.vae_kl_weight * post.kl().mean(), {"mse": mse.item()}
+
+    _resumable_loop("vae", {"vae": vae}, list(vae.parameters()), args.vae_lr, 0.0, args.vae_steps, args.seed + 1,
+                    loss_fn, args, ckpt_dir, log)
+
+
+@torch.no_grad()
+def encode_moments(vae, images: np.ndarray, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of the VAE for every image (unscaled latents)."""
+    means, stds = [], []
+    x_all = _to_unit(images)
+    for i in range(0, len(x_all), batch_size):
+        post = vae.encode(x_all[i:i + batch_size]).latent_dist
+        means.append(post.mean), stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def caption_table(tokenizer, labels: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids of every training caption, and per image a row of caption indices with their probabilities."""
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    dists = [caption_distribution(c, s) for c, s in pairs]
+    captions = sorted({cap for d in dists for cap, _ in d})
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    width = max(len(d) for d in dists)
+    index = torch.zeros(len(pairs), width, dtype=torch.long)
+    probs = torch.zeros(len(pairs), width)
+    for i, d in enumerate(dists):
+        for j, (cap, p) in enumerate(d):
+            index[i, j], probs[i, j] = captions.index(cap), p
+    rows = torch.tensor([pairs.index(lab) for lab in labels])
+    return ids, index[rows], probs[rows]
+
+
+def train_unet(text_encoder, unet, tokenizer, means: torch.Tensor, stds: torch.Tensor, labels: list[tuple[str, str]],
+               scaling_factor: float, args: argparse.Namespace, ckpt_dir: Path, log: logging.Logger) -> None:
+    """Train U-Net and text encoder together on epsilon prediction, each image under a freshly drawn caption."""
+    scheduler = make_scheduler()
+    ids, cap_index, cap_probs = caption_table(tokenizer, labels)
+    T = scheduler.config.num_train_timesteps
+
+    def loss_fn(gen: torch.Generator):
+        b = args.unet_batch_size
+        idx = torch.randint(len(means), (b,), generator=gen)
+        lat = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling_factor
+        noise = torch.randn(lat.shape, generator=gen)
+        t = torch.randint(0, T, (b,), generator=gen)
+        pick = torch.multinomial(cap_probs[idx], 1, generator=gen).squeeze(1)
+        enc = text_encoder(ids[cap_index[idx, pick]])[0]
+        pred = unet(scheduler.add_noise(lat, noise, t), t, enc).sample
+        return torch.nn.functional.mse_loss(pred, noise), {}
+
+    _resumable_loop("unet", {"unet": unet, "text_encoder": text_encoder},
+                    list(unet.parameters()) + list(text_encoder.parameters()), args.unet_lr, 1e-2, args.unet_steps,
+                    args.seed + 2, loss_fn, args, ckpt_dir, log)
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Render the data set, train VAE then U-Net + text encoder, save the pipeline to args.output_dir."""
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(args.output_dir)
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    log = setup_logging(out, "train_toy.log")
+    log.info("train: %s", {k: v for k, v in vars(args).items() if k != "func"})
+    t0 = time.time()
+    torch.manual_seed(args.seed)
+    images, labels = make_dataset(args.n_images, args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = make_tokenizer(tmp)
+    text_encoder, vae, unet = build_models(tokenizer, args.seed)
+    log.info("params: text_encoder %d, vae %d, unet %d", *(sum(p.numel() for p in m.parameters())
+                                                          for m in (text_encoder, vae, unet)))
+    train_vae(vae, images, args, ckpt_dir, log)
+    log.info("vae trained after %.1fs", time.time() - t0)
+    means, stds = encode_moments(vae, images)
+    z = means + stds * torch.randn(means.shape, generator=torch.Generator().manual_seed(args.seed + 3))
+    scaling_factor = float(1.0 / z.std())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    with torch.no_grad():
+        rec = vae.decode(means[:512]).sample.clamp(-1, 1)
+    rec_u8 = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    vae_ok = np.mean([judge(r) == judge(o) for r, o in zip(rec_u8, images[:512])])
+    log.info("latent std %.4f -> scaling_factor %.4f; judge agrees on %.1f%% of VAE reconstructions",
+             float(z.std()), scaling_factor, 100 * vae_ok)
+    train_unet(text_encoder, unet, tokenizer, means, stds, labels, scaling_factor, args, ckpt_dir, log)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / SAMPLING_DEFAULTS).write_text(json.dumps(
+        {"num_inference_steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE}, indent=1) + "\n")
+    if not args.keep_checkpoints:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    log.info("saved pipeline to %s; total %.1fs", out, time.time() - t0)
+    print(f"saved toy pipeline to {out} ({time.time() - t0:.0f}s)")
+    return out
