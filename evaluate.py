@@ -24,9 +24,9 @@ from typing import Sequence
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from utils.cli import HelpFormatter, UserError, run, setup_logging  # noqa: E402
-from utils.eval_clip import DEFAULT_CLIP, DEFAULT_PREFIX  # noqa: E402
-from utils.eval_nudity import CLASS_SETS, DEFAULT_THRESHOLD  # noqa: E402
-from utils.evaluation import load_image_folder  # noqa: E402
+from utils.eval.clip import DEFAULT_CLIP, DEFAULT_PREFIX  # noqa: E402
+from utils.eval.nudity import CLASS_SETS, DEFAULT_THRESHOLD  # noqa: E402
+from utils.eval.common import load_image_folder  # noqa: E402
 
 LOG_FILE = "evaluate.log"
 
@@ -114,7 +114,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> dict:
     """Run one evaluation subcommand and print where its results went; returns its summary."""
     if args.command == "report":
-        from utils.eval_report import make_report
+        from utils.eval.report import make_report
 
         Path(args.output_dir).expanduser().mkdir(parents=True, exist_ok=True)
         setup_logging(args.output_dir, LOG_FILE)
@@ -132,7 +132,7 @@ def main(args: argparse.Namespace) -> dict:
     setup_logging(out, LOG_FILE)
 
     if args.command == "nudity":
-        from utils.eval_nudity import evaluate_nudity
+        from utils.eval.nudity import evaluate_nudity
 
         s = evaluate_nudity(args.folder, out, args.classes, args.threshold, args.nudenet_model,
                             args.nudenet_resolution, args.batch_size)
@@ -140,13 +140,13 @@ def main(args: argparse.Namespace) -> dict:
               f"classes at score >= {s['threshold']:g}; wrote {out}/nudity_summary.json, nudity_detections.csv, "
               f"nudity_counts.png")
     elif args.command == "clip":
-        from utils.eval_clip import evaluate_clip
+        from utils.eval.clip import evaluate_clip
 
         s = evaluate_clip(args.folder, out, args.model, args.prompt_prefix, args.batch_size, args.device)
         print(f"CLIP score {s['mean']:.3f} ± {s['std']:.3f} over {s['images']} images; "
               f"wrote {out}/clip_summary.json, clip_scores.csv")
     elif args.command == "fid":
-        from utils.eval_fid import evaluate_fid
+        from utils.eval.fid import evaluate_fid
 
         s = evaluate_fid(args.folder, args.reference, out, inception_weights=args.inception_weights,
                          batch_size=args.batch_size, device=args.device, kid_subset_size=args.kid_subset_size,
@@ -154,7 +154,7 @@ def main(args: argparse.Namespace) -> dict:
         print(f"FID {s['fid']:.3f}, KID {s['kid_mean']:.5f} ± {s['kid_std']:.5f} ({s['images']} vs "
               f"{s['reference_images']} reference images); wrote {out}/fid_summary.json")
     else:
-        from utils.eval_toy import evaluate_toy
+        from utils.eval.toy import evaluate_toy
 
         s = evaluate_toy(args.folder, out)
         rates = ", ".join(f"{c} {100 * r:.1f}%" for c, r in s["colour_rate"].items())

@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 import evaluate  # noqa: E402
 from utils.cli import UserError  # noqa: E402
-from utils.eval_nudity import DEFAULT_CLASSES, STRICT_CLASSES, resolve_classes, summarize_nudity  # noqa: E402
-from utils.evaluation import load_image_folder, require, split_categories  # noqa: E402
+from utils.eval.nudity import DEFAULT_CLASSES, STRICT_CLASSES, resolve_classes, summarize_nudity  # noqa: E402
+from utils.eval.common import load_image_folder, require, split_categories  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = [(220, 30, 30), (30, 60, 220), (30, 160, 50), (240, 200, 20), (120, 40, 160), (20, 20, 20)]
@@ -214,7 +214,7 @@ def test_detector_with_explicit_providers_matches_nudenet(tmp_path):
         pytest.importorskip(mod)
     import nudenet
 
-    from utils.eval_nudity import _detector_with_providers, detect, load_detector
+    from utils.eval.nudity import _detector_with_providers, detect, load_detector
 
     paths = sorted(make_folder(tmp_path / "gen", 3, seed=5, size=96).glob("*.png"))
     assert detect(_detector_with_providers(nudenet, None, 320), paths) == detect(load_detector(), paths)
@@ -238,7 +238,7 @@ def make_tiny_clip(folder: Path) -> Path:
     """A random tiny CLIPModel + our tokenizer + a PIL image processor, saved like a hub checkpoint."""
     from transformers import CLIPConfig, CLIPModel
 
-    from utils.eval_clip import _image_processor_class
+    from utils.eval.clip import _image_processor_class
     from utils.tokenizer import write_clip_tokenizer
 
     tok = write_clip_tokenizer(folder, ["a", "photo", "depicts", "of", "shape", "image"], model_max_length=16)
@@ -259,7 +259,7 @@ def _reference_cosines(model_dir: Path, images: list[Path], captions: list[str])
     """Cosine image/caption through CLIPModel.forward (independent of evaluate's feature path)."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    from utils.eval_clip import _image_processor_class
+    from utils.eval.clip import _image_processor_class
 
     model = CLIPModel.from_pretrained(model_dir).eval()
     proc = _image_processor_class().from_pretrained(model_dir)
@@ -311,7 +311,7 @@ class TinyFeatures(torch.nn.Module):
 
 def test_fid_with_a_pluggable_extractor(tmp_path):
     pytest.importorskip("torchmetrics")
-    from utils.eval_fid import evaluate_fid
+    from utils.eval.fid import evaluate_fid
 
     a = make_folder(tmp_path / "a", 12, seed=1)
     b = make_folder(tmp_path / "b", 10, seed=7, size=48, metadata=False)
@@ -328,7 +328,7 @@ def test_fid_with_a_pluggable_extractor(tmp_path):
 
 def test_fid_inception_weights(tmp_path, monkeypatch):
     pytest.importorskip("torchmetrics")
-    from utils.eval_fid import InceptionFID, load_inception
+    from utils.eval.fid import InceptionFID, load_inception
 
     torch.manual_seed(0)
     state = {k: v.half() if v.is_floating_point() else v for k, v in InceptionFID().state_dict().items()}

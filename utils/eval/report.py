@@ -10,8 +10,8 @@ from typing import Sequence
 import pandas as pd
 
 from utils.cli import UserError
-from utils.eval_nudity import DEFAULT_CLASSES, NUDENET_LABELS, short_label
-from utils.evaluation import bar_chart, read_json, write_csv, write_png, write_text
+from utils.eval.nudity import DEFAULT_CLASSES, NUDENET_LABELS, short_label
+from utils.eval.common import bar_chart, read_json, write_csv, write_png, write_text
 
 log = logging.getLogger("sdd")
 

@@ -12,7 +12,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from utils.cli import UserError
-from utils.evaluation import (PATH_COLUMN, ImageFolder, bar_chart, guard_outputs, load_image_folder, load_rgb,
+from utils.eval.common import (PATH_COLUMN, ImageFolder, bar_chart, guard_outputs, load_image_folder, load_rgb,
                               output_dir, require, split_categories, write_csv, write_json, write_png)
 
 log = logging.getLogger("sdd")

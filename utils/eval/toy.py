@@ -9,7 +9,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from utils.cli import UserError
-from utils.evaluation import guard_outputs, load_image_folder, load_rgb, output_dir, require, write_csv, write_json
+from utils.eval.common import guard_outputs, load_image_folder, load_rgb, output_dir, require, write_csv, write_json
 
 log = logging.getLogger("sdd")
 

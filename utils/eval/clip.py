@@ -12,7 +12,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from utils.cli import UserError, resolve_device
-from utils.evaluation import guard_outputs, load_image_folder, load_rgb, output_dir, split_categories, write_csv, write_json
+from utils.eval.common import guard_outputs, load_image_folder, load_rgb, output_dir, split_categories, write_csv, write_json
 
 log = logging.getLogger("sdd")
 
