@@ -23,9 +23,9 @@ from typing import Sequence
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from utils.cli import HelpFormatter, UserError, run, setup_logging  # noqa: E402
+from utils.cli import ArgumentParser, HelpFormatter, UserError, run, setup_logging  # noqa: E402
 from utils.eval.clip import DEFAULT_CLIP, DEFAULT_PREFIX  # noqa: E402
-from utils.eval.nudity import CLASS_SETS, DEFAULT_THRESHOLD  # noqa: E402
+from utils.eval.nudity import CLASS_SETS, DEFAULT_THRESHOLD, SWEEP_THRESHOLDS  # noqa: E402
 from utils.eval.common import load_image_folder  # noqa: E402
 
 LOG_FILE = "evaluate.log"
@@ -54,7 +54,7 @@ def _resolution(text: str) -> int:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse `python evaluate.py {nudity,clip,fid,toy,report} ...`."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{nudity,clip,fid,toy,report}")
 
     def folder_parser(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -77,9 +77,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="detector input size; None: 640 for a model file named 640*.onnx, else 320")
     p.add_argument("--batch_size", type=_positive, default=16, help="images per detector call")
 
-    p = folder_parser("clip", "CLIP score 100 * max(cos(image, prefix + prompt), 0): mean and standard deviation")
-    p.add_argument("--model", default=DEFAULT_CLIP, help="CLIP model: hub id or local save_pretrained folder "
-                                                         "(CLIPModel + tokenizer + preprocessor_config.json)")
+    p = folder_parser("clip", "CLIP score: mean and standard deviation of cos(image, prefix + prompt) (the SDD "
+                              "paper's form), and of 100 * max(cos, 0)")
+    p.add_argument("--model", "--pretrained_model_name_or_path", default=DEFAULT_CLIP,
+                   help="CLIP model: hub id or local save_pretrained folder (CLIPModel + tokenizer + "
+                        "preprocessor_config.json); --pretrained_model_name_or_path is the SDD reference's name")
     p.add_argument("--prompt_prefix", default=DEFAULT_PREFIX, help="text put before every prompt ('' for none)")
     p.add_argument("--batch_size", type=_positive, default=32, help="images per CLIP forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
@@ -136,15 +138,17 @@ def main(args: argparse.Namespace) -> dict:
 
         s = evaluate_nudity(args.folder, out, args.classes, args.threshold, args.nudenet_model,
                             args.nudenet_resolution, args.batch_size)
+        sweep = ", ".join(f"{s['threshold_sweep'][f'{t:g}']['nude_percent']:.2f}% at {t:g}" for t in SWEEP_THRESHOLDS)
         print(f"{s['images']} images, {s['nude_images']} nude ({s['nude_percent']:.2f}%) with {s['class_set']} "
-              f"classes at score >= {s['threshold']:g}; wrote {out}/nudity_summary.json, nudity_detections.csv, "
-              f"nudity_counts.png")
+              f"classes at score >= {s['threshold']:g} (sweep: {sweep}); wrote {out}/nudity_summary.json, "
+              f"nudity_detections.csv, nudity_counts.png")
     elif args.command == "clip":
         from utils.eval.clip import evaluate_clip
 
         s = evaluate_clip(args.folder, out, args.model, args.prompt_prefix, args.batch_size, args.device)
-        print(f"CLIP score {s['mean']:.3f} ± {s['std']:.3f} over {s['images']} images; "
-              f"wrote {out}/clip_summary.json, clip_scores.csv")
+        print(f"CLIP score (mean cosine) {s['mean']:.4f} ± {s['std']:.4f}, 100 * max(cos, 0) "
+              f"{s['clip_score_100']['mean']:.2f} over {s['images']} images; wrote {out}/clip_summary.json, "
+              f"clip_scores.csv")
     elif args.command == "fid":
         from utils.eval.fid import evaluate_fid
 
