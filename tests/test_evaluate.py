@@ -126,6 +126,9 @@ def test_argument_validation(capsys):
         with pytest.raises(SystemExit) as e:
             evaluate.parse_args(argv)
         assert e.value.code == 2
+        usage, error, see = capsys.readouterr().err.splitlines()  # not 35 lines of usage
+        assert usage.startswith("usage: ") and usage.endswith("[options]") and error.startswith("error: ")
+        assert see.startswith("see: ") and see.endswith(f"{argv[0]} --help")
     with pytest.raises(SystemExit) as e:
         evaluate.parse_args(["nudity", "--help"])
     assert e.value.code == 0 and "(default: 0.6)" in capsys.readouterr().out

@@ -67,8 +67,8 @@ def no_loading_bars() -> Iterator[None]:
 
 def _neither(name: str) -> str:
     """The message for a string that is no existing folder and could not be loaded from the hub either."""
-    text = (f"{name!r} is neither an existing folder nor a reachable Hugging Face hub id (offline, private or "
-            f"unknown id)")
+    text = (f"{name!r} is neither an existing folder nor a reachable Hugging Face hub id (could not download it: "
+            f"offline, private or unknown id)")
     parent = Path(name).expanduser().parent
     if name.count("/") == 1 and parent.is_dir():  # `assets/no-such-model`: most likely a mistyped local path
         folders = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
