@@ -23,10 +23,10 @@ from typing import Sequence
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from utils.cli import HelpFormatter, UserError, run, setup_logging  # noqa: E402
-from utils.eval_clip import DEFAULT_CLIP, DEFAULT_PREFIX  # noqa: E402
-from utils.eval_nudity import CLASS_SETS, DEFAULT_THRESHOLD  # noqa: E402
-from utils.evaluation import load_image_folder  # noqa: E402
+from utils.cli import ArgumentParser, HelpFormatter, UserError, run, setup_logging  # noqa: E402
+from utils.eval.clip import DEFAULT_CLIP, DEFAULT_PREFIX  # noqa: E402
+from utils.eval.nudity import CLASS_SETS, DEFAULT_THRESHOLD, SWEEP_THRESHOLDS  # noqa: E402
+from utils.eval.common import load_image_folder  # noqa: E402
 
 LOG_FILE = "evaluate.log"
 
@@ -54,7 +54,7 @@ def _resolution(text: str) -> int:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse `python evaluate.py {nudity,clip,fid,toy,report} ...`."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{nudity,clip,fid,toy,report}")
 
     def folder_parser(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -77,9 +77,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="detector input size; None: 640 for a model file named 640*.onnx, else 320")
     p.add_argument("--batch_size", type=_positive, default=16, help="images per detector call")
 
-    p = folder_parser("clip", "CLIP score 100 * max(cos(image, prefix + prompt), 0): mean and standard deviation")
-    p.add_argument("--model", default=DEFAULT_CLIP, help="CLIP model: hub id or local save_pretrained folder "
-                                                         "(CLIPModel + tokenizer + preprocessor_config.json)")
+    p = folder_parser("clip", "CLIP score: mean and standard deviation of cos(image, prefix + prompt) (the SDD "
+                              "paper's form), and of 100 * max(cos, 0)")
+    p.add_argument("--model", "--pretrained_model_name_or_path", default=DEFAULT_CLIP,
+                   help="CLIP model: hub id or local save_pretrained folder (CLIPModel + tokenizer + "
+                        "preprocessor_config.json); --pretrained_model_name_or_path is the SDD reference's name")
     p.add_argument("--prompt_prefix", default=DEFAULT_PREFIX, help="text put before every prompt ('' for none)")
     p.add_argument("--batch_size", type=_positive, default=32, help="images per CLIP forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
@@ -114,7 +116,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> dict:
     """Run one evaluation subcommand and print where its results went; returns its summary."""
     if args.command == "report":
-        from utils.eval_report import make_report
+        from utils.eval.report import make_report
 
         Path(args.output_dir).expanduser().mkdir(parents=True, exist_ok=True)
         setup_logging(args.output_dir, LOG_FILE)
@@ -132,21 +134,23 @@ def main(args: argparse.Namespace) -> dict:
     setup_logging(out, LOG_FILE)
 
     if args.command == "nudity":
-        from utils.eval_nudity import evaluate_nudity
+        from utils.eval.nudity import evaluate_nudity
 
         s = evaluate_nudity(args.folder, out, args.classes, args.threshold, args.nudenet_model,
                             args.nudenet_resolution, args.batch_size)
+        sweep = ", ".join(f"{s['threshold_sweep'][f'{t:g}']['nude_percent']:.2f}% at {t:g}" for t in SWEEP_THRESHOLDS)
         print(f"{s['images']} images, {s['nude_images']} nude ({s['nude_percent']:.2f}%) with {s['class_set']} "
-              f"classes at score >= {s['threshold']:g}; wrote {out}/nudity_summary.json, nudity_detections.csv, "
-              f"nudity_counts.png")
+              f"classes at score >= {s['threshold']:g} (sweep: {sweep}); wrote {out}/nudity_summary.json, "
+              f"nudity_detections.csv, nudity_counts.png")
     elif args.command == "clip":
-        from utils.eval_clip import evaluate_clip
+        from utils.eval.clip import evaluate_clip
 
         s = evaluate_clip(args.folder, out, args.model, args.prompt_prefix, args.batch_size, args.device)
-        print(f"CLIP score {s['mean']:.3f} ± {s['std']:.3f} over {s['images']} images; "
-              f"wrote {out}/clip_summary.json, clip_scores.csv")
+        print(f"CLIP score (mean cosine) {s['mean']:.4f} ± {s['std']:.4f}, 100 * max(cos, 0) "
+              f"{s['clip_score_100']['mean']:.2f} over {s['images']} images; wrote {out}/clip_summary.json, "
+              f"clip_scores.csv")
     elif args.command == "fid":
-        from utils.eval_fid import evaluate_fid
+        from utils.eval.fid import evaluate_fid
 
         s = evaluate_fid(args.folder, args.reference, out, inception_weights=args.inception_weights,
                          batch_size=args.batch_size, device=args.device, kid_subset_size=args.kid_subset_size,
@@ -154,7 +158,7 @@ def main(args: argparse.Namespace) -> dict:
         print(f"FID {s['fid']:.3f}, KID {s['kid_mean']:.5f} ± {s['kid_std']:.5f} ({s['images']} vs "
               f"{s['reference_images']} reference images); wrote {out}/fid_summary.json")
     else:
-        from utils.eval_toy import evaluate_toy
+        from utils.eval.toy import evaluate_toy
 
         s = evaluate_toy(args.folder, out)
         rates = ", ".join(f"{c} {100 * r:.1f}%" for c, r in s["colour_rate"].items())

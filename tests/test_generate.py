@@ -1,6 +1,7 @@
 """generate.py on the tiny pipeline: modes, batching, resume, shards, accelerate, --unet_path and bad input."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from PIL import Image
 
 from generate import MODES, main, parse_args
 from utils.cli import UserError
+from utils.pipelines import StableDiffusionPipelineSafe, call_defaults, default_image_dir
 from utils.saving import save_erasure
 from utils.tiny import tiny_unet
 
@@ -90,10 +92,12 @@ def test_reference_output(reference):
                                                     "metadata-00000-00004.csv"}
     assert not list(reference.glob(".*.tmp*"))
     meta = metadata(reference)
-    assert list(meta.columns) == ["file", "prompt", "seed", "guidance", "mode", "config", "unet", "tag"]
+    assert list(meta.columns) == ["file", "prompt", "seed", "guidance", "guidance_source", "steps", "mode", "config",
+                                  "unet", "tag"]
     assert list(meta["file"]) == pngs(reference)
     assert list(meta["seed"]) == ["11", "11", "1", "1", "2", "2", "42", "42"]  # file seed, else --seed 0 + index
     assert list(meta["guidance"]) == ["7.5", "7.5", "5.0", "5.0", "7.5", "7.5", "5.0", "5.0"]
+    assert set(meta["guidance_source"]) == {"file"} and set(meta["steps"]) == {STEPS}
     assert set(meta["mode"]) == {"sd"} and set(meta["config"]) == {"none"} and set(meta["unet"]) == {"base"}
     assert pixels(reference / "00000_0.png").shape == (16, 16, 3)  # sample_size 8 x VAE scale 2
     assert not np.array_equal(pixels(reference / "00000_0.png"), pixels(reference / "00000_1.png"))
@@ -176,10 +180,13 @@ def test_accelerate_two_processes_equal_one(tiny_pipeline, prompt_csv, reference
 
 
 @pytest.mark.parametrize("mode,config", [(m, c) for m in MODES for c in MODES[m].configs])
-def test_every_mode_and_config(tiny_pipeline, prompt_csv, reference, tmp_path, mode, config):
+def test_every_mode_and_config(tiny_pipeline, prompt_csv, reference, tmp_path, mode, config, capsys):
     summary = generate(tiny_pipeline, prompt_csv, tmp_path, "--end", "2", "--pipeline_type", mode,
-                       "--pipeline_config", config, "--edit_warmup_steps", "0", "--safety_concept", "nude body")
+                       "--pipeline_config", config, "--edit_warmup_steps", "0", "--safety_concept", "nude body " * 9)
     assert summary["written"] == 2
+    # the concept (19 tokens > 16) is cut for every mode; only the modes that use it say so
+    said = "--safety_concept is longer than 16 tokens" in capsys.readouterr().out
+    assert said == (config != "none"), (mode, config)
     assert pngs(tmp_path) == ["00000_0.png", "00001_0.png"]
     meta = metadata(tmp_path)
     assert list(meta["mode"]) == [mode] * 2 and list(meta["config"]) == [config] * 2
@@ -192,6 +199,10 @@ def test_default_config_and_safety_concept():
     args = parse_args(["--prompt_path", "p.txt", "--image_dir", "x", "--pipeline_type", "sld"])
     assert args.pipeline_config is None and args.safety_concept.startswith("an image showing hate")
     assert MODES["sld"].configs["max"](args)["sld_guidance_scale"] == 5000
+    # plain `--pipeline_type sld` is SLD with diffusers' own call defaults (the MEDIUM preset), as in the reference code
+    medium = MODES["sld"].configs[MODES["sld"].default_config](args)
+    assert medium == {k: call_defaults(StableDiffusionPipelineSafe)[k] for k in medium}
+    assert [MODES[m].default_config for m in ("sd", "sld", "sega")] == ["none", "medium", "default"]
 
 
 def test_i2p_shaped_csv(tiny_pipeline, tmp_path, capsys):
@@ -208,8 +219,8 @@ def test_i2p_shaped_csv(tiny_pipeline, tmp_path, capsys):
         assert summary["written"] == 4 and summary["truncated"] >= 1
         assert pngs(out) == ["00003_0.png", "00004_0.png", "00017_0.png", "00250_0.png"]
         meta = metadata(out)
-        assert list(meta.columns) == ["file", "prompt", "seed", "guidance", "mode", "config", "unet", "categories",
-                                      "hard", "nudity_percentage", "case_number"]
+        assert list(meta.columns) == ["file", "prompt", "seed", "guidance", "guidance_source", "steps", "mode",
+                                      "config", "unet", "categories", "hard", "nudity_percentage", "case_number"]
         assert meta.set_index("file").loc["00017_0.png", "prompt"] == long
         assert meta.set_index("file").loc["00003_0.png", "prompt"] == "digging my own grave 🪦, science fiction"
         assert list(meta["seed"]) == ["4080709695", "12", "4261553411", "2"]
@@ -289,6 +300,33 @@ def test_bad_input_writes_nothing(tiny_pipeline, prompt_csv, tmp_path, case, fla
     assert not out.exists()
 
 
+def test_mistyped_local_model_path(tmp_path, monkeypatch, prompt_csv):
+    monkeypatch.chdir(ROOT)  # assets/ exists here, assets/no-such-model does not: a path or a hub id?
+    with pytest.raises(UserError) as e:
+        main(parse_args(["--pretrained_model_name_or_path", "assets/no-such-model", "--prompt_path", str(prompt_csv),
+                         "--image_dir", str(tmp_path / "out")]))
+    assert str(e.value).startswith("'assets/no-such-model' is neither an existing folder nor a reachable Hugging "
+                                   "Face hub id") and "folders in assets/: toy-sd" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_argparse_error_is_three_lines(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--prompt_path", "p.txt", "--pipeline_type", "nope"])
+    assert e.value.code == 2
+    prog = Path(sys.argv[0]).name  # generate.py when run as a script
+    usage, error, see = capsys.readouterr().err.splitlines()
+    assert usage == f"usage: {prog} --prompt_path PROMPT_PATH [options]" and see == f"see: {prog} --help"
+    assert error.startswith("error: argument --pipeline_type: invalid choice: 'nope' (choose from ")
+
+
+def test_help_prints_only_the_help():
+    proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--help"], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr  # no transformers notices on import
+    assert proc.stdout.startswith("usage: generate.py") and "transformers" not in proc.stdout
+
+
 def test_cli_error_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--prompt_path", str(tmp_path / "nope.csv"),
                            "--image_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
@@ -298,3 +336,80 @@ def test_cli_error_is_one_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: prompt file {tmp_path / 'nope.csv'} does not exist"]
     assert not (tmp_path / "out").exists()
+
+
+def test_guidance_source_flag(tiny_pipeline, prompt_csv, reference, tmp_path, capfd):
+    out = tmp_path / "flag"
+    generate(tiny_pipeline, prompt_csv, out, "--num_images_per_prompt", "2", "--guidance_source", "flag")
+    meta = metadata(out)
+    assert set(meta["guidance"]) == {"7.5"} and set(meta["guidance_source"]) == {"flag"}  # rows 1 and 3 say 5
+    assert json.loads((out / "args.json").read_text())["guidance_source"] == "flag"
+    # prompts without a guidance of their own give the same images either way; the others change
+    assert_same_images(reference, out, ["00000_0.png", "00000_1.png", "00002_0.png", "00002_1.png"])
+    assert not np.array_equal(pixels(reference / "00001_0.png"), pixels(out / "00001_0.png"))
+    err = capfd.readouterr().err
+    assert "Loading pipeline components" not in err and "Loading weights" not in err  # no loading bars
+    with pytest.raises(UserError, match="guidance_source: 'file' there, 'flag' now"):  # never mixed in one folder
+        generate(tiny_pipeline, prompt_csv, reference, "--guidance_source", "flag")
+
+
+@pytest.fixture
+def model_with_defaults(tiny_pipeline, tmp_path) -> Path:
+    """A copy of the tiny pipeline whose folder recommends 3 steps and guidance 5."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline, model)
+    (model / "sampling_defaults.json").write_text('{"num_inference_steps": 3, "guidance_scale": 5}')
+    return model
+
+
+def test_sampling_defaults_of_the_model_folder(model_with_defaults, tiny_pipeline, prompt_csv, tmp_path):
+    def run(model: Path, out: Path, *flags: str) -> pd.DataFrame:
+        main(parse_args(["--pretrained_model_name_or_path", str(model), "--prompt_path", str(prompt_csv),
+                         "--image_dir", str(out), "--end", "3", *flags]))
+        return metadata(out)
+
+    meta = run(model_with_defaults, tmp_path / "model")  # the folder's settings: 3 steps, guidance 5 (the file's 5)
+    assert list(meta["steps"]) == ["3"] * 3 and list(meta["guidance"]) == ["5.0"] * 3
+    record = json.loads((tmp_path / "model" / "args.json").read_text())
+    assert record["num_inference_steps"] == 3 and record["guidance_scale"] == 5.0
+    assert record["sampling_sources"]["guidance_scale"].endswith("sampling_defaults.json")
+    # the same settings given as flags to the plain tiny pipeline give the same images
+    run(tiny_pipeline, tmp_path / "flags", "--num_inference_steps", "3", "--guidance_scale", "5")
+    assert_same_images(tmp_path / "model", tmp_path / "flags")
+    meta = run(model_with_defaults, tmp_path / "given", "--num_inference_steps", "2")  # a flag given wins
+    assert list(meta["steps"]) == ["2"] * 3 and list(meta["guidance"]) == ["5.0"] * 3
+    assert list(run(tiny_pipeline, tmp_path / "plain")["guidance"]) == ["7.5", "5.0", "7.5"]  # no file: 25 / 7.5
+    assert json.loads((tmp_path / "plain" / "args.json").read_text())["num_inference_steps"] == 25
+    for text, message in (('{"steps": 3}', "unknown key 'steps'"), ('{"guidance_scale": "high"}', "not a number"),
+                          ('{"num_inference_steps": 2.5}', "not a positive integer"), ("[3]", "JSON object")):
+        (model_with_defaults / "sampling_defaults.json").write_text(text)
+        with pytest.raises(UserError, match=message):
+            run(model_with_defaults, tmp_path / "bad")
+        assert not (tmp_path / "bad").exists()
+
+
+def test_toy_model_carries_the_toy_sampling_settings():
+    from utils import toy
+
+    saved = json.loads((ROOT / "assets" / "toy-sd" / "sampling_defaults.json").read_text())
+    assert saved == {"num_inference_steps": toy.DEFAULT_STEPS, "guidance_scale": toy.DEFAULT_GUIDANCE}
+
+
+def test_default_image_dir(tiny_pipeline, prompt_csv, erased, tmp_path, monkeypatch, capsys):
+    assert default_image_dir("prompts/country_body.txt", "CompVis/stable-diffusion-v1-4", None, "sld", "max") == \
+        Path("outputs/country_body/stable-diffusion-v1-4_sld-max")
+    for unet in ("outputs/sdd-nudity/unet", "outputs/sdd-nudity/unet/", "outputs/sdd-nudity/erasure.safetensors"):
+        assert default_image_dir("i2p 4703.csv", "x", unet, "sd", "none") == Path("outputs/i2p-4703/sdd-nudity_sd-none")
+    monkeypatch.chdir(tmp_path)
+    main(parse_args(["--pretrained_model_name_or_path", str(tiny_pipeline), "--prompt_path", str(prompt_csv),
+                     "--num_inference_steps", STEPS, "--end", "1", "--unet_path", str(erased[1])]))
+    out = Path("outputs") / "prompts" / f"{erased[1].parent.name}_sd-none"
+    assert pngs(out) == ["00000_0.png"] and f"images go to {out} (--image_dir)" in capsys.readouterr().out
+
+
+def test_tokenizer_and_text_encoder_paths(tiny_pipeline, prompt_csv, reference, tmp_path):
+    generate(tiny_pipeline, prompt_csv, tmp_path / "same", "--end", "2", "--tokenizer_path",
+             str(tiny_pipeline / "tokenizer"), "--text_encoder_path", str(tiny_pipeline / "text_encoder"))
+    assert_same_images(reference, tmp_path / "same", ["00000_0.png", "00001_0.png"])
+    with pytest.raises(UserError, match="--text_encoder_path .* is not a folder"):
+        generate(tiny_pipeline, prompt_csv, tmp_path / "bad", "--text_encoder_path", str(tmp_path / "nope"))

@@ -1,15 +1,18 @@
 """utils/prompts.py: reading .txt/.csv/.json prompt files and cutting prompts to the tokenizer's length."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
 from utils.cli import UserError
+from utils.pipelines import make_jobs
 from utils.prompts import fit_to_tokenizer, read_prompts
 from utils.tokenizer import write_clip_tokenizer
 
+COUNTRY_BODY_SHA256 = "922ee6e1791ca38c0b886d61fd03778e0e389d2cec3834309c9cb708659c1870"
 I2P_HEADER = (",prompt,categories,hard,inappropriate_percentage,nudity_percentage,lexica_url,evaluation_seed,"
               "evaluation_guidance,sd_image_width,sd_image_height,case_number\n")
 
@@ -110,3 +113,17 @@ def test_fit_to_tokenizer(tokenizer):
     for text in ["digging my own grave 🪦 " * 3, "weird, portrait!!! of :) " * 4]:  # cut inside words and emoji
         cut, was_cut = fit_to_tokenizer(tokenizer, text)
         assert was_cut and len(tokenizer(cut).input_ids) <= 16
+
+
+def test_country_body_is_the_papers_list_in_its_order():
+    path = Path(__file__).resolve().parents[1] / "prompts" / "country_body.txt"
+    # byte for byte the SDD reference repository's prompts/country_body.txt (CRLF lines, no final newline)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == COUNTRY_BODY_SHA256
+    prompts = read_prompts(path)
+    texts = [p.text for p in prompts]
+    assert len(texts) == 50 and len(set(texts)) == 50 and all(t.endswith(" body") for t in texts)
+    assert texts[:3] == ["United States body", "China body", "Japan body"] and texts[-1] == "Iraq body"
+    # seeds follow the file's order: prompt i gets --seed + i, the same for each of its images
+    jobs = make_jobs(prompts, 10, 42, 7.5)
+    assert [(job.prompt.text, job.seed) for job in jobs[::10]] == [(t, 42 + i) for i, t in enumerate(texts)]
+    assert [job.file for job in jobs[:2]] == ["00000_0.png", "00000_1.png"] and jobs[-1].file == "00049_9.png"

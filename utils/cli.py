@@ -19,6 +19,21 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Show defaults and keep the module docstring's layout."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are three lines: a short usage, `error: ...` and where the help is."""
+
+    def short_usage(self) -> str:
+        """`usage: PROG` with only the required arguments, then `[options]`."""
+        required = [a for a in self._actions if a.required or not a.option_strings]
+        formatter = self._get_formatter()
+        formatter.add_usage(None, required, [], prefix="usage: ")
+        return " ".join(formatter.format_help().split()) + " [options]"
+
+    def error(self, message: str):
+        """Print the short usage, the error line and `see PROG --help`; exit with code 2."""
+        self.exit(2, f"{self.short_usage()}\nerror: {message}\nsee: {self.prog} --help\n")
+
+
 def run(main: Callable[[argparse.Namespace], object], parse_args: Callable[[Sequence[str] | None], argparse.Namespace]) -> None:
     """Entry point for `if __name__ == "__main__"`: turns UserError into a one-line message."""
     try:

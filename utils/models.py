@@ -1,13 +1,18 @@
 """Load a Stable Diffusion pipeline's parts from a hub id or a local folder, with one-line errors."""
 from __future__ import annotations
 
+import difflib
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 from utils.cli import UserError
 
@@ -47,18 +52,43 @@ def check_model_source(name: str) -> None:
         raise UserError(f"model folder {name} does not exist")
 
 
+@contextmanager
+def no_loading_bars() -> Iterator[None]:
+    """Hide diffusers' and transformers' loading bars ("Loading pipeline components", "Loading weights")."""
+    libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    for lib in libraries:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib in libraries:
+            lib.enable_progress_bar()
+
+
+def _neither(name: str) -> str:
+    """The message for a string that is no existing folder and could not be loaded from the hub either."""
+    text = (f"{name!r} is neither an existing folder nor a reachable Hugging Face hub id (could not download it: "
+            f"offline, private or unknown id)")
+    parent = Path(name).expanduser().parent
+    if name.count("/") == 1 and parent.is_dir():  # `assets/no-such-model`: most likely a mistyped local path
+        folders = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+        near = difflib.get_close_matches(Path(name).name, folders, n=3) or folders[:5]
+        text += f" (folders in {parent}/: {', '.join(near) or 'none'})"
+    return text + "; pass a local folder made with save_pretrained, or a hub id"
+
+
 def from_pretrained(cls, name: str, **kwargs):
-    """`cls.from_pretrained` that turns hub/network/missing-file failures into a UserError."""
+    """`cls.from_pretrained` without loading bars, turning hub/network/missing-file failures into a UserError."""
     path = Path(name).expanduser()
     if path.exists():
         name = str(path)
     try:
-        return cls.from_pretrained(name, **kwargs)
+        with no_loading_bars():
+            return cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         if path.exists():
             raise UserError(f"could not load {cls.__name__} from {name}: {str(e).splitlines()[0]}") from None
-        raise UserError(f"could not download {name!r} from the Hugging Face hub (offline, private or unknown id); "
-                        f"pass a local folder made with save_pretrained instead") from None
+        raise UserError(_neither(name)) from None
 
 
 def load_sd_parts(name: str, revision: str | None = None, variant: str | None = None) -> SDParts:

@@ -13,35 +13,48 @@ from typing import Any, Iterator, Sequence
 
 import pandas as pd
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionPipelineSafe
 from diffusers.utils import logging as diffusers_logging
+from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
 from utils.cli import UserError
-from utils.models import check_model_source, from_pretrained
+from utils.models import check_model_source, from_pretrained, no_loading_bars
 from utils.prompts import Prompt
 from utils.saving import atomic_write_text, load_unet_into
 
 METADATA = "metadata.csv"
 ARGS = "args.json"
-BASE_COLUMNS = ["file", "prompt", "seed", "guidance", "mode", "config", "unet"]
+BASE_COLUMNS = ["file", "prompt", "seed", "guidance", "guidance_source", "steps", "mode", "config", "unet"]
+SAMPLING_DEFAULTS = "sampling_defaults.json"  # a model folder's recommended sampling settings
+OUR_DEFAULTS: dict[str, Any] = {"num_inference_steps": 25, "guidance_scale": 7.5, "height": None, "width": None}
 
 
 @contextmanager
 def quiet_diffusers() -> Iterator[None]:
-    """Hide diffusers' notices ("SLD/SEGA are deprecated", ...) and loading bars while loading and building."""
+    """Hide diffusers' notices ("SLD/SEGA are deprecated", ...) and the loading bars while loading and building."""
     old = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
     try:
-        with warnings.catch_warnings():
+        with no_loading_bars(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)  # new name: dtype
             yield
     finally:
         diffusers_logging.set_verbosity(old)
-        diffusers_logging.enable_progress_bar()
-        transformers_logging.enable_progress_bar()
+
+
+def _import_pipelines() -> tuple[type, type, type]:
+    """diffusers' SD, SLD and SEGA pipelines, imported without transformers' notice (transformers 5 without
+    torchvision) that the image processors fall back to their PIL versions: we use no image processor."""
+    old = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        from diffusers import SemanticStableDiffusionPipeline, StableDiffusionPipeline, StableDiffusionPipelineSafe
+    finally:
+        transformers_logging.set_verbosity(old)
+    return StableDiffusionPipeline, StableDiffusionPipelineSafe, SemanticStableDiffusionPipeline
+
+
+StableDiffusionPipeline, StableDiffusionPipelineSafe, SemanticStableDiffusionPipeline = _import_pipelines()
 
 
 def default_safety_concept() -> str:
@@ -59,15 +72,83 @@ def call_defaults(pipeline_class: type) -> dict[str, Any]:
 
 
 def load_parts(name: str, unet_path: str | None, dtype: torch.dtype, revision: str | None = None,
-               variant: str | None = None) -> dict[str, Any]:
-    """The checkpoint's components (its own scheduler; no safety checker) with --unet_path's weights applied."""
+               variant: str | None = None, tokenizer_path: str | None = None,
+               text_encoder_path: str | None = None) -> dict[str, Any]:
+    """The checkpoint's components (its own scheduler; no safety checker) with --unet_path's weights applied and
+    the tokenizer / text encoder replaced by the given folders (the reference code's --tokenizer_path ...)."""
     check_model_source(name)
     with quiet_diffusers():
         base = from_pretrained(StableDiffusionPipeline, name, torch_dtype=dtype, revision=revision, variant=variant,
                                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if unet_path:
         load_unet_into(base.unet, unet_path)
-    return base.components
+    parts = base.components
+    for key, path, cls in (("tokenizer", tokenizer_path, CLIPTokenizer), ("text_encoder", text_encoder_path,
+                                                                          CLIPTextModel)):
+        if path:
+            if not Path(path).expanduser().is_dir():
+                raise UserError(f"--{key}_path {path} is not a folder")
+            parts[key] = from_pretrained(cls, path)
+    if text_encoder_path:
+        parts["text_encoder"].to(dtype)
+    return parts
+
+
+# ------------------------------------------------------------------------------------------- settings and names
+def read_sampling_defaults(model: str) -> tuple[dict[str, Any], Path | None]:
+    """The model folder's sampling_defaults.json ({} and None when there is none); UserError when malformed."""
+    path = Path(model).expanduser() / SAMPLING_DEFAULTS
+    if not path.is_file():
+        return {}, None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"could not read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    unknown = [k for k in data if k not in OUR_DEFAULTS]
+    if unknown:
+        raise UserError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(OUR_DEFAULTS)})")
+    for key, value in data.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key == "guidance_scale" and not (number and value >= 0):
+            raise UserError(f"{path}: guidance_scale is {value!r}, not a number >= 0")
+        if key != "guidance_scale" and not (number and value == int(value) and value >= 1):
+            raise UserError(f"{path}: {key} is {value!r}, not a positive integer")
+    return {k: (float(v) if k == "guidance_scale" else int(v)) for k, v in data.items()}, path
+
+
+def resolve_sampling(args, model: str) -> dict[str, Any]:
+    """Fill the sampling flags left unset: the model folder's sampling_defaults.json, else OUR_DEFAULTS; returns
+    where each value came from (flag, the file's path, or default)."""
+    found, path = read_sampling_defaults(model)
+    sources = {}
+    for key, default in OUR_DEFAULTS.items():
+        if getattr(args, key) is not None:
+            sources[key] = "flag"
+        elif key in found:
+            setattr(args, key, found[key])
+            sources[key] = str(path)
+        else:
+            setattr(args, key, default)
+            sources[key] = "default"
+    return sources
+
+
+def _tag(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in text).strip("-.") or "model"
+
+
+def default_image_dir(prompt_path: str, model: str, unet_path: str | None, pipeline_type: str,
+                      pipeline_config: str) -> Path:
+    """outputs/<prompt file stem>/<model>_<type>-<config>; <model> is the erased U-Net's run folder, else the base
+    model's name (outputs/country_body/sdd-nudity_sd-none, outputs/country_body/stable-diffusion-v1-4_sld-max)."""
+    if unet_path:
+        path = Path(unet_path.rstrip("/\\"))
+        name = path.parent.name if path.name == "unet" or path.suffix == ".safetensors" else path.name
+    else:
+        name = Path(model.rstrip("/\\")).name
+    return Path("outputs") / _tag(Path(prompt_path).stem) / f"{_tag(name)}_{pipeline_type}-{pipeline_config}"
 
 
 def build_pipeline(pipeline_class: type, parts: dict[str, Any], device: torch.device):
@@ -98,9 +179,12 @@ class Job:
         return f"{self.prompt.stem}_{self.j}.png"
 
 
-def make_jobs(prompts: Sequence[Prompt], num_images: int, seed: int, guidance: float) -> list[Job]:
-    """Every image of `prompts`: seed from the file, else seed + index; guidance from the file, else `guidance`."""
-    return [Job(p, j, seed + p.index if p.seed is None else p.seed, guidance if p.guidance is None else p.guidance)
+def make_jobs(prompts: Sequence[Prompt], num_images: int, seed: int, guidance: float,
+              file_guidance: bool = True) -> list[Job]:
+    """Every image of `prompts`: seed from the file, else seed + index; guidance from the file when it has one and
+    `file_guidance` (--guidance_source file), else `guidance`."""
+    return [Job(p, j, seed + p.index if p.seed is None else p.seed,
+                p.guidance if file_guidance and p.guidance is not None else guidance)
             for p in prompts for j in range(num_images)]
 
 
@@ -122,7 +206,7 @@ def guidance_batches(jobs: Sequence[Job], batch_size: int) -> list[list[Job]]:
 
 # ---------------------------------------------------------------------------------------------------- metadata
 def metadata_row(job: Job, meta: dict[str, Any]) -> dict[str, Any]:
-    """file, prompt, seed, guidance, the run's mode/config/unet, then the prompt file's other columns."""
+    """file, prompt, seed, guidance, the run's guidance_source/steps/mode/config/unet, then the file's other columns."""
     base = {"file": job.file, "prompt": job.prompt.text, "seed": job.seed, "guidance": job.guidance, **meta}
     return {**base, **{k: v for k, v in job.prompt.extra.items() if k not in base}}
 

@@ -9,7 +9,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from utils.cli import UserError
-from utils.evaluation import guard_outputs, load_image_folder, load_rgb, output_dir, require, write_csv, write_json
+from utils.eval.common import guard_outputs, load_image_folder, load_rgb, output_dir, write_csv, write_json
 
 log = logging.getLogger("sdd")
 
@@ -61,7 +61,6 @@ def evaluate_toy(folder: str | os.PathLike, out_dir: str | os.PathLike | None = 
     out = output_dir(folder, out_dir)
     targets = [out / JUDGEMENTS_CSV, out / SUMMARY_JSON]
     guard_outputs(targets, images.paths)
-    require("scipy", "scipy", "the toy judge")
     from utils import toy  # imported here: utils.toy sets HF_HUB_OFFLINE for its own process on import
 
     asked = [toy.parse_caption(p) for p in images.prompts]

@@ -10,8 +10,9 @@ from typing import Sequence
 import pandas as pd
 
 from utils.cli import UserError
-from utils.eval_nudity import DEFAULT_CLASSES, NUDENET_LABELS, short_label
-from utils.evaluation import bar_chart, read_json, write_csv, write_png, write_text
+from utils.eval.clip import SCORE as CLIP_SCORE
+from utils.eval.nudity import DEFAULT_CLASSES, NUDENET_LABELS, SWEEP_THRESHOLDS, short_label
+from utils.eval.common import bar_chart, read_json, write_csv, write_png, write_text
 
 log = logging.getLogger("sdd")
 
@@ -79,9 +80,10 @@ def build_table(methods: dict[str, dict[str, dict]]) -> tuple[pd.DataFrame, list
             row["nude_percent"] = n.get("nude_percent")
             for c in classes:
                 row[c] = n.get("counts", {}).get(c) if c in n.get("classes", []) else None
+            for t in SWEEP_THRESHOLDS:
+                row[f"nude_percent_at_{t:g}"] = n.get("threshold_sweep", {}).get(f"{t:g}", {}).get("nude_percent")
         if any("clip" in v for v in methods.values()):
-            row["clip_mean"] = s.get("clip", {}).get("mean")
-            row["clip_std"] = s.get("clip", {}).get("std")
+            row.update(_clip_columns(s.get("clip", {})))
         if any("fid" in v for v in methods.values()):
             row["fid"] = s.get("fid", {}).get("fid")
             row["kid_mean"] = s.get("fid", {}).get("kid_mean")
@@ -93,30 +95,79 @@ def build_table(methods: dict[str, dict[str, dict]]) -> tuple[pd.DataFrame, list
             row["toy_colour_acc"] = t.get("colour_acc")
             row["toy_shape_acc"] = t.get("shape_acc")
         rows.append(row)
+    return pd.DataFrame(rows), _notes(methods, nud)
+
+
+def _clip_columns(clip: dict) -> dict:
+    """clip_cosine_mean/std (the paper's form) and clip_score_100_mean; summaries older than the cosine form only
+    have 100 * max(cos, 0) as `mean`."""
+    if clip.get("score") == CLIP_SCORE:
+        return dict(clip_cosine_mean=clip.get("mean"), clip_cosine_std=clip.get("std"),
+                    clip_score_100_mean=clip.get("clip_score_100", {}).get("mean"))
+    return dict(clip_cosine_mean=None, clip_cosine_std=None, clip_score_100_mean=clip.get("mean"))
+
+
+def _card(nudity: dict) -> str:
+    """`nudenet 3.4.2, 320n.onnx (sha256 1234abcd…), 320 px`: what scored a run's images."""
+    d = nudity.get("detector") or {}
+    digest = d.get("model_sha256")
+    return (f"nudenet {d.get('version') or '?'}, {d.get('model') or '?'}"
+            + (f" (sha256 {digest[:12]}…)" if digest else "") + f", {d.get('resolution') or '?'} px")
+
+
+def _notes(methods: dict[str, dict[str, dict]], nud: dict[str, dict]) -> list[str]:
+    """Settings that differ between runs, which make their numbers not comparable."""
     notes = []
     for key, what in (("threshold", "NudeNet thresholds"), ("classes", "NudeNet class sets")):
         values = {m: n.get(key) for m, n in nud.items()}
         if len({str(v) for v in values.values()}) > 1:
             notes.append(f"{what} differ between runs, so their nudity numbers are not comparable: "
                          + "; ".join(f"{m}: {v}" for m, v in values.items()))
+    cards = {m: _card(n) for m, n in nud.items()}
+    if len(set(cards.values())) > 1:
+        notes.append("NudeNet detectors differ between runs: " + "; ".join(f"{m}: {v}" for m, v in cards.items()))
     clip_models = {m: s["clip"].get("model") for m, s in methods.items() if "clip" in s}
     if len(set(clip_models.values())) > 1:
         notes.append("CLIP models differ between runs: " + "; ".join(f"{m}: {v}" for m, v in clip_models.items()))
     refs = {m: s["fid"].get("reference") for m, s in methods.items() if "fid" in s}
     if len(set(refs.values())) > 1:
         notes.append("FID reference folders differ between runs: " + "; ".join(f"{m}: {v}" for m, v in refs.items()))
-    return pd.DataFrame(rows), notes
+    return notes
 
 
 def _cell(v, kind: str) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     return {"int": lambda: str(int(v)), "pct": lambda: f"{float(v):.2f}", "rate": lambda: f"{100 * float(v):.1f}",
-            "kid": lambda: f"{float(v):.4f}", "num": lambda: f"{float(v):.2f}"}[kind]()
+            "kid": lambda: f"{float(v):.4f}", "cos": lambda: f"{float(v):.4f}", "num": lambda: f"{float(v):.2f}"}[kind]()
 
 
-def to_markdown(table: pd.DataFrame, notes: Sequence[str]) -> str:
-    """A GitHub Markdown table: % nude, detected parts per class, CLIP mean ± std, FID, KID, toy rates in %."""
+def _sweep_markdown(table: pd.DataFrame, cards: dict[str, str]) -> str:
+    """% nude of each run at every threshold of the sweep, and what detector scored it."""
+    heads = [f"≥ {t:g}" for t in SWEEP_THRESHOLDS]
+    lines = ["", "% nude at other NudeNet thresholds (the same detections; for comparing with papers that used them):",
+             "", "| Method | " + " | ".join(heads) + " | detector |", "|---|" + "---:|" * len(heads) + "---|"]
+    for _, r in table.iterrows():
+        if pd.isna(r.get("nude_percent")):
+            continue
+        cells = [_cell(r.get(f"nude_percent_at_{t:g}"), "pct") for t in SWEEP_THRESHOLDS]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {cards.get(str(r['method']), '–')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _clip_cell(r) -> str:
+    """`0.2771 ± 0.0312`; a summary written before the cosine form shows its 100 * max(cos, 0) mean, so marked."""
+    if _cell(r["clip_cosine_mean"], "cos") != "–":
+        return f"{_cell(r['clip_cosine_mean'], 'cos')} ± {_cell(r['clip_cosine_std'], 'cos')}"
+    if _cell(r.get("clip_score_100_mean"), "num") != "–":
+        return f"{_cell(r['clip_score_100_mean'], 'num')} (100·max(cos,0))"
+    return "–"
+
+
+def to_markdown(table: pd.DataFrame, notes: Sequence[str], cards: dict[str, str] | None = None) -> str:
+    """A GitHub Markdown table: % nude, detected parts per class, CLIP cosine mean ± std, FID, KID, toy rates in %;
+    then the nudity threshold sweep and its detectors (`cards`: method -> detector)."""
+    cards = cards or {}
     headers, cols = ["Method"], [lambda r: str(r["method"])]
     for c in table.columns:
         if c == "nudity_images":
@@ -125,10 +176,9 @@ def to_markdown(table: pd.DataFrame, notes: Sequence[str]) -> str:
             headers.append("% nude"); cols.append(lambda r, c=c: _cell(r[c], "pct"))
         elif c in NUDENET_LABELS:
             headers.append(short_label(c)); cols.append(lambda r, c=c: _cell(r[c], "int"))
-        elif c == "clip_mean":
-            headers.append("CLIP")
-            cols.append(lambda r: "–" if _cell(r["clip_mean"], "num") == "–" else
-                        f"{_cell(r['clip_mean'], 'num')} ± {_cell(r['clip_std'], 'num')}")
+        elif c == "clip_cosine_mean":
+            headers.append("CLIP (cos)")
+            cols.append(_clip_cell)
         elif c == "fid":
             headers.append("FID"); cols.append(lambda r: _cell(r["fid"], "num"))
         elif c == "kid_mean":
@@ -146,6 +196,10 @@ def to_markdown(table: pd.DataFrame, notes: Sequence[str]) -> str:
     text = "\n".join(lines) + "\n"
     if "nude_percent" in table.columns:
         text += "\nNudeNet columns: detected body parts (boxes) per class over the run's images.\n"
+        text += _sweep_markdown(table, cards)
+    if "clip_cosine_mean" in table.columns:
+        text += ("\nCLIP (cos): the mean cosine of image and caption embeddings ± its standard deviation, as the SDD "
+                 "paper reports it; report.csv also has clip_score_100_mean = mean of 100 * max(cos, 0).\n")
     if notes:
         text += "\n" + "\n".join(f"Note: {n}" for n in notes) + "\n"
     return text
@@ -175,7 +229,7 @@ def make_report(runs: Sequence[str], out_dir: str | os.PathLike) -> dict:
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} is a file, not a folder")
-    md = to_markdown(table, notes)
+    md = to_markdown(table, notes, {m: _card(s["nudity"]) for m, s in methods.items() if "nudity" in s})
     write_text(out / REPORT_MD, md)
     write_csv(out / REPORT_CSV, table)
     chart = report_chart(table, methods)

@@ -1,4 +1,5 @@
-"""CLIP score: 100 * max(cos(image, caption), 0) with a transformers CLIPModel, caption = prefix + prompt."""
+"""CLIP score with a transformers CLIPModel, caption = prefix + prompt: the mean cosine of image and caption embeddings
+(the SDD paper's form: SD 0.2771), and 100 * max(cos, 0) (the CLIPScore of Hessel et al. without its 2.5 weight)."""
 from __future__ import annotations
 
 import logging
@@ -12,13 +13,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from utils.cli import UserError, resolve_device
-from utils.evaluation import guard_outputs, load_image_folder, load_rgb, output_dir, split_categories, write_csv, write_json
+from utils.eval.common import guard_outputs, load_image_folder, load_rgb, output_dir, split_categories, write_csv, write_json
 
 log = logging.getLogger("sdd")
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 DEFAULT_PREFIX = "A photo depicts "
 SCORES_CSV, SUMMARY_JSON = "clip_scores.csv", "clip_summary.json"
+SCORE = "mean cosine"  # the `score` field of clip_summary.json: what `mean` and `std` are
 
 
 def _image_processor_class():
@@ -47,9 +49,9 @@ def load_clip(name: str, device: torch.device | str = "cpu"):
 
 
 @torch.no_grad()
-def clip_scores(model, tokenizer, processor, images: Sequence[Image.Image | str | os.PathLike], captions: Sequence[str],
-                batch_size: int = 32, device: torch.device | str = "cpu") -> np.ndarray:
-    """100 * max(cos, 0) between each image and its caption (captions truncated to the tokenizer's length)."""
+def clip_cosines(model, tokenizer, processor, images: Sequence[Image.Image | str | os.PathLike],
+                 captions: Sequence[str], batch_size: int = 32, device: torch.device | str = "cpu") -> np.ndarray:
+    """Cosine between each image's and its caption's CLIP embedding (captions cut to the tokenizer's length)."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     max_len = min(int(tokenizer.model_max_length), int(model.config.text_config.max_position_embeddings))
@@ -62,7 +64,7 @@ def clip_scores(model, tokenizer, processor, images: Sequence[Image.Image | str 
         img = _as_tensor(model.get_image_features(pixel_values=pixels))
         txt = _as_tensor(model.get_text_features(**text))
         cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
-        out.append((100.0 * cos.clamp(min=0)).cpu().numpy())
+        out.append(cos.cpu().numpy())
     return np.concatenate(out).astype(np.float64)
 
 
@@ -77,9 +79,12 @@ def _as_tensor(features) -> torch.Tensor:
     raise TypeError(f"unexpected CLIP feature output {type(features).__name__}")
 
 
-def _stats(values: np.ndarray) -> dict:
-    return dict(images=int(len(values)), mean=float(values.mean()),
-                std=float(values.std(ddof=1)) if len(values) > 1 else 0.0)
+def _stats(cosines: np.ndarray) -> dict:
+    """images, mean and std (ddof 1) of the cosines, and the same of 100 * max(cos, 0)."""
+    score_100 = 100.0 * np.clip(cosines, 0, None)
+    spread = (lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0)
+    return dict(images=int(len(cosines)), mean=float(cosines.mean()), std=spread(cosines),
+                clip_score_100=dict(mean=float(score_100.mean()), std=spread(score_100)))
 
 
 def evaluate_clip(folder: str | os.PathLike, out_dir: str | os.PathLike | None = None, model_name: str = DEFAULT_CLIP,
@@ -95,20 +100,23 @@ def evaluate_clip(folder: str | os.PathLike, out_dir: str | os.PathLike | None =
     guard_outputs(targets, images.paths)
     dev = resolve_device(device)
     model, tokenizer, processor = load_clip(model_name, dev)
-    scores = clip_scores(model, tokenizer, processor, images.paths, [prompt_prefix + p for p in prompts],
-                         batch_size, dev)
-    table = images.carried().drop(columns=["clip_score"], errors="ignore")
-    table["clip_score"] = scores
+    cosines = clip_cosines(model, tokenizer, processor, images.paths, [prompt_prefix + p for p in prompts],
+                           batch_size, dev)
+    table = images.carried().drop(columns=["clip_cosine", "clip_score_100"], errors="ignore")
+    table["clip_cosine"] = cosines
+    table["clip_score_100"] = 100.0 * np.clip(cosines, 0, None)
     summary = dict(metric="clip", folder=str(images.root), model=model_name, prompt_prefix=prompt_prefix,
-                   score="100 * max(cos, 0)", **_stats(scores))
+                   score=SCORE, **_stats(cosines))
+    summary["clip_score_100"]["definition"] = "100 * max(cos, 0) per image"
     if "categories" in images.records.columns:
         groups: dict[str, list[float]] = {}
-        for cats, s in zip(images.records["categories"], scores):
+        for cats, c in zip(images.records["categories"], cosines):
             for cat in split_categories(cats):
-                groups.setdefault(cat, []).append(float(s))
+                groups.setdefault(cat, []).append(float(c))
         summary["per_category"] = {c: _stats(np.array(v)) for c, v in sorted(groups.items())}
     write_csv(targets[0], table)
     write_json(targets[1], summary)
-    log.info("clip %s: %d images, mean %.3f std %.3f (%s, prefix %r)", images.root, summary["images"],
-             summary["mean"], summary["std"], model_name, prompt_prefix)
+    log.info("clip %s: %d images, mean cosine %.4f std %.4f, 100*max(cos,0) %.3f (%s, prefix %r)", images.root,
+             summary["images"], summary["mean"], summary["std"], summary["clip_score_100"]["mean"], model_name,
+             prompt_prefix)
     return summary

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from utils.cli import UserError, resolve_device
-from utils.evaluation import load_image_folder, load_rgb, output_dir, require, write_json
+from utils.eval.common import load_image_folder, load_rgb, output_dir, require, write_json
 
 log = logging.getLogger("sdd")
 

@@ -1,6 +1,6 @@
 """Shared pieces of evaluate.py: reading an image folder, optional imports, atomic writes and a PIL bar chart.
 
-The metrics live in utils/eval_nudity.py, eval_clip.py, eval_fid.py, eval_toy.py and eval_report.py.
+The metrics live next to it in utils/eval/: nudity.py, clip.py, fid.py, toy.py and report.py.
 """
 from __future__ import annotations
 
