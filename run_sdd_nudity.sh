@@ -2,7 +2,7 @@
 # SDD nudity removal with the paper's settings (SD v1.4, cross-attention, 1500 steps, EMA 0.999, s_g 3, fp32).
 # Usage: bash run_sdd_nudity.sh [OUTPUT_DIR] [extra train_sdd.py flags...]
 # Small GPU: frozen weights in bf16 and activations recomputed (peak 3.40 GiB instead of 6.39 GiB in fp32, measured
-# on the CPU at 512 px; docs/performance.md); numbers then differ slightly from the paper's fp32 run:
+# on the CPU at 512 px; docs/performance.md); no longer the paper's fp32 run:
 #   bash run_sdd_nudity.sh outputs/sdd-nudity-bf16 --mixed_precision bf16 --gradient_checkpointing
 # Rerunning the same command continues from the newest checkpoint; other flags into the same folder are refused.
 set -euo pipefail

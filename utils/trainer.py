@@ -1,7 +1,8 @@
-"""The training loop shared by SDD and ESD: data flow, optimizer, checkpoints, resume, signals, validation, saving.
+"""The training loop shared by SDD and ESD: the shared flags, the method protocol, one Run (setup, step, finish), saving.
 
 A method (see train_sdd.py / train_esd.py) only says which weights sample z_t, what the loss is, what happens after
-an optimizer step and which weights are the result. Everything else lives here once.
+an optimizer step and which weights are the result. Everything else lives here once, with checks, checkpoints, the
+same-run check on resume and signals in utils/checkpoints.py and sampling in utils/sampling.py.
 """
 from __future__ import annotations
 
@@ -307,11 +308,11 @@ class Run:
         return total, c_p, k
 
     def checkpoint_and_validate(self, stopping: bool) -> None:
-        """Save a checkpoint every --checkpointing_steps (and when stopping early); sample every --validation_steps."""
+        """Save a checkpoint every --checkpointing_steps and when stopping early; sample every --validation_steps."""
         args, step = self.args, self.step
         if step % args.checkpointing_steps == 0 or (stopping and step < args.num_train_steps):
             self.last_ckpt = save_checkpoint(self.out, step, self.state, self.identity, args.checkpoints_total_limit)
-        if self.val_prompts and step % args.validation_steps == 0 and step < args.num_train_steps:
+        if self.val_prompts and step % args.validation_steps == 0 and step < args.num_train_steps and not stopping:
             self.validate()
 
     def validate(self) -> None:
@@ -340,6 +341,7 @@ class Run:
         save_result(self.unet, result, self.args, self.concepts, self.dtype, self.out)
         print(f"saved {self.out / 'unet'} and {self.out / 'erasure.safetensors'}")
         return self.out
+
 
 def save_result(unet: UNet2DConditionModel, result: View, args, concepts: list[str], dtype: torch.dtype, out: Path) -> None:
     """unet/ (a full diffusers U-Net folder) and erasure.safetensors (only the trained tensors, with metadata)."""
