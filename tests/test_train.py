@@ -560,6 +560,10 @@ def test_threads_auto_leaves_the_busy_cores_alone_and_an_explicit_count_wins(mon
     before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0))
     try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        assert apply_threads(0, torch.device("cpu")) == 1  # the user's OMP_NUM_THREADS is kept
+        monkeypatch.delenv("OMP_NUM_THREADS")
         monkeypatch.setattr(os, "getloadavg", lambda: (cores + 3.2, 0.0, 0.0))  # a machine busier than its cores
         assert apply_threads(0, torch.device("cpu")) == 1 == torch.get_num_threads()
         monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.0, 0.0))  # an idle machine

@@ -88,15 +88,16 @@ def add_threads_arg(parser: argparse.ArgumentParser) -> None:
     """`--threads N`: torch's CPU thread count (0 = auto, see apply_threads)."""
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads; 0 = auto: on the CPU, the usable cores minus the machine's current "
-                             "load (at least 1), so a busy machine is not oversubscribed; on a GPU, torch's default")
+                             "load (at least 1), so a busy machine is not oversubscribed, or OMP_NUM_THREADS if set; "
+                             "on a GPU, torch's default")
 
 
 def apply_threads(n: int, device: torch.device) -> int:
-    """Set torch's thread count: N if given; auto (0) = usable cores - current load (>= 1) on the CPU; returns it."""
+    """Set torch's thread count: N if given; auto (0) on the CPU = usable cores - current load (>= 1); returns it."""
     if n < 0:
         raise UserError(f"--threads must be >= 0 (0 = auto), got {n}")
-    if n == 0 and device.type != "cpu":
-        return torch.get_num_threads()
+    if n == 0 and (device.type != "cpu" or os.environ.get("OMP_NUM_THREADS")):
+        return torch.get_num_threads()  # a GPU run, or the user's own OMP_NUM_THREADS: left as it is
     if n == 0:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         load = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
