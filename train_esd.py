@@ -3,7 +3,8 @@
 z_t is sampled by the model being trained (CFG s_g with the concept c); the frozen original model gives
 e_0 = e*(z_t, t, "") and e_c = e*(z_t, t, c), and the student is trained towards the negatively guided target
     L = || e_student(z_t, t, c) - (e_0 - eta (e_c - e_0)) ||^2.
---finetuning_method xattn is ESD-x, noxattn is ESD-u.
+--finetuning_method xattn is ESD-x, noxattn is ESD-u. The defaults are the SDD paper's ESD baseline as its
+reference code trains it: eta 3, AdamW (lr 1e-5, weight decay 1e-4), gradient norm clipped at 1.0, 1000 steps.
 
     python train_esd.py --removing_concepts nudity --output_dir outputs/esd-nudity
 """
@@ -58,11 +59,13 @@ class ESD:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """ESD's flags: the shared ones plus eta."""
+    """ESD's flags: the shared ones (the reference's optimizer settings) plus eta."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_training_args(p, num_train_steps=1000, weight_decay=0.0, max_grad_norm=0.0, output_dir="outputs/esd")
+    add_training_args(p, num_train_steps=1000, weight_decay=1e-4, max_grad_norm=1.0, output_dir="outputs/esd")
     g = p.add_argument_group("ESD")
-    g.add_argument("--negative_guidance", type=float, default=1.0, help="eta: strength of the negative guidance")
+    g.add_argument("--negative_guidance", "--concept_scale", type=float, default=3.0,
+                   help="eta: strength of the negative guidance (3: the SDD paper's ESD-x-3 / ESD-u-3 baselines); "
+                        "--concept_scale is the reference code's name")
     p.set_defaults(method="esd")
     return p.parse_args(argv)
 

@@ -2,7 +2,9 @@
 
 The student learns to give the removal concept c_s the same noise estimate as the empty prompt,
     L = || sg(e_student(z_t, t, c_0)) - e_student(z_t, t, c_s) ||^2,
-on z_t drawn by k guided DDIM steps of an EMA teacher; the teacher (m = 0.999) is the result.
+on z_t drawn by k guided DDIM steps of an EMA teacher; the teacher (m = 0.999) is the result. With several
+concepts the paper samples z_t with the step's concept c_p and removes all of them joined (c_s); the reference
+code does the opposite (--sampling_concept all --removal_target current).
 
     python train_sdd.py --removing_concepts nudity --output_dir outputs/sdd-nudity
 """
@@ -14,6 +16,7 @@ from typing import Mapping, Sequence
 import torch
 
 from utils.cli import HelpFormatter, run
+from utils.concepts import REMOVAL_TARGETS, SAMPLING_CONCEPTS
 from utils.trainer import Batch, Setup, add_training_args, train
 from utils.views import call, ema_update, snapshot
 
@@ -57,14 +60,20 @@ class SDD:
                 t.copy_(state[n])
 
 
+def _choices(options: dict[str, str]) -> str:
+    return "; ".join(f"'{k}' = {v}" for k, v in options.items())
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """SDD's flags: the shared ones plus the EMA and the removal target."""
+    """SDD's flags: the shared ones plus the EMA, the sampling prompt and the removal target."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_training_args(p, num_train_steps=1500, weight_decay=1e-4, max_grad_norm=1.0, output_dir="outputs/sdd")
     g = p.add_argument_group("SDD")
     g.add_argument("--ema_decay", type=float, default=0.999, help="m: teacher <- m teacher + (1 - m) student")
-    g.add_argument("--removal_target", choices=["all", "current"], default="all",
-                   help="c_s: the joined concept string (paper) or the step's current concept (reference code)")
+    g.add_argument("--sampling_concept", choices=list(SAMPLING_CONCEPTS), default="current",
+                   help="the prompt whose guided DDIM trajectory gives z_t: " + _choices(SAMPLING_CONCEPTS))
+    g.add_argument("--removal_target", choices=list(REMOVAL_TARGETS), default="all",
+                   help="c_s, the prompt pulled to the empty prompt's estimate: " + _choices(REMOVAL_TARGETS))
     g.add_argument("--eval_with", choices=["teacher", "student", "both"], default="teacher",
                    help="weights used for validation images")
     p.set_defaults(method="sdd")

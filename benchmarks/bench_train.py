@@ -179,6 +179,8 @@ def train_argv(spec: dict, out: Path) -> list[str]:
         argv += ["--gradient_checkpointing"]
     if spec.get("conv_autotune") and spec["layout"] == "ours":
         argv += ["--conv_autotune"]
+    import torch
+    argv += ["--threads", str(torch.get_num_threads())]  # the count worker() set (or torch's), not the trainer's auto
     return argv + list(spec.get("extra", []))
 
 

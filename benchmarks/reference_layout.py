@@ -11,7 +11,8 @@ What the reference (nannullna/safe-diffusion, train_sdd.py / train_esd.py) holds
 
 Kept equal to our trainer so that both layouts do the same work: k, z_T and the timestep are drawn from the same
 seeded generator in the same order (the reference draws k with the global RNG; same distribution), exactly k DDIM
-steps are run (the reference runs all N when k = 0), and c_p / c_s follow our --concept_method / --removal_target.
+steps are run (the reference runs all N when k = 0), and c_p / c_s follow our --concept_method /
+--sampling_concept / --removal_target.
 Deliberately in the reference's favour: the student's frozen parameters do not require grad (`grads="subset"`);
 the reference code leaves them trainable, which adds a full set of U-Net gradients (`grads="all"`).
 On the CPU the loaded weights are copied out of their safetensors memory map, as `.to("cuda")` copies them, so that
@@ -31,7 +32,7 @@ from diffusers.optimization import get_scheduler
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from utils.cli import DTYPES, resolve_device
-from utils.concepts import concept_schedule, joined
+from utils.concepts import concept_schedule, step_prompts
 from utils.models import check_model_source, from_pretrained
 from utils.params import FINETUNING_METHODS
 from utils.sampling import jitter_timestep
@@ -160,8 +161,8 @@ class ReferenceLayout:
         """One optimizer step; returns the loss, the last k and seconds per phase (text, sample, train, ema)."""
         a, dev = self.args, self.device
         phases = dict(text=0.0, sample=0.0, train=0.0, ema=0.0)
-        c_p = self.schedule[self.step_count]
-        c_s = joined(self.concepts) if getattr(a, "removal_target", "all") == "all" else c_p
+        c_p, c_s = step_prompts(self.schedule[self.step_count], self.concepts, getattr(a, "sampling_concept", "current"),
+                                getattr(a, "removal_target", "all"))  # SDD: (sampling prompt, removal target)
         self.student.train()
         self.optimizer.zero_grad()
         total, k = 0.0, 0

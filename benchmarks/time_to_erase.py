@@ -154,7 +154,9 @@ def make_contestant(spec: RunSpec, args: argparse.Namespace, out_root: Path) -> 
             "--trajectory_samples", str(spec.trajectory_samples), "--trajectory_reuse", str(spec.trajectory_reuse),
             "--num_train_steps", str(args.max_steps),
             "--checkpointing_steps", str(args.check_every), "--checkpoints_total_limit", "1",
-            "--output_dir", str(out), "--device", "cpu"]
+            "--output_dir", str(out), "--device", "cpu", "--overwrite_output_dir"]  # each turn extends the last
+    import torch
+    argv += ["--threads", str(torch.get_num_threads())]  # the count main() set (or torch's), not the trainer's auto
     if args.resolution:
         argv += ["--resolution", str(args.resolution)]
     targs = train_sdd.parse_args(argv)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -253,7 +255,6 @@ def test_resume_equals_uninterrupted(tiny_pipeline, tmp_path, script, reuse):
     # a run that only got to its step-2 checkpoint, resumed
     part = tmp_path / "part"
     part.mkdir()
-    import shutil
     shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
     resumed = mod.main(make(tiny_pipeline, part, *extra, "--resume_from_checkpoint", "latest"))
     a, b = final_weights(full), final_weights(resumed)
@@ -318,28 +319,67 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, argv):
     assert not (tmp_path / "o").exists()
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_finishes(tiny_pipeline, tmp_path):
+def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Wait until the run in `out` has logged `step` (or the process ended)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        log = out / "train.log"
+        if log.exists() and f"step {step} " in log.read_text():
+            return
+        time.sleep(0.2)
+
+
+def test_sigterm_saves_a_checkpoint_exits_143_with_the_hint_last_and_resume_finishes(tiny_pipeline, tmp_path):
     out = tmp_path / "o"
-    argv = ["train_sdd.py", "--pretrained_model_name_or_path", str(tiny_pipeline), "--removing_concepts", "nudity",
+    argv = ["--pretrained_model_name_or_path", str(tiny_pipeline), "--removing_concepts", "nudity",
             "--num_train_steps", "100000", "--num_ddim_steps", "2", "--output_dir", str(out), "--device", "cpu"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        log = out / "train.log"
-        if log.exists() and "step 2 " in log.read_text():
-            break
-        time.sleep(0.2)
+    proc = subprocess.Popen([sys.executable, "train_sdd.py", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(out, 2, proc)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, output
     ckpts = list(out.glob("checkpoint-*"))
     assert len(ckpts) == 1 and not (out / "unet").exists()
     step = int(ckpts[0].name.split("-")[1])
-    r = run_script(*argv[:6], str(step + 2), *argv[7:], "--resume_from_checkpoint", "latest")
-    assert r.returncode == 0, r.stderr
-    assert (out / "unet").exists() and f"resumed from {ckpts[0]} at step {step}" in r.stdout
+    last = output.strip().splitlines()[-1]
+    assert last.startswith(f"stopped by SIGTERM at step {step} ") and str(ckpts[0]) in last
+    assert "rerun the same command with --resume_from_checkpoint latest" in last
+    # the hint works: the same command with --resume_from_checkpoint latest (the old run went on without limit,
+    # so here it is extended by two steps: its --num_train_steps does not define a constant-lr run)
+    argv[5] = str(step + 2)
+    train_sdd.main(train_sdd.parse_args([*argv, "--resume_from_checkpoint", "latest"]))
+    assert (out / "unet").exists() and f"resumed from {ckpts[0]} at step {step}" in (out / "train.log").read_text()
+
+
+def test_sigint_stops_the_demo_script_with_130_before_its_next_command(tiny_pipeline, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group) in a `set -e` script: checkpoint, hint last, nothing after it."""
+    out = tmp_path / "o"
+    cmd = ["bash", "run_sdd_toy.sh", str(out), "--pretrained_model_name_or_path", str(tiny_pipeline),
+           "--num_train_steps", "100000", "--num_ddim_steps", "2", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    _wait_for_step(out, 2, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert output.strip().splitlines()[-1].startswith("stopped by SIGINT at step ")
+    assert "to continue, rerun the same command (--output_dir" in output.strip().splitlines()[-1]
+    assert list(out.glob("checkpoint-*")) and "does not exist" not in output  # `compare` did not run
+
+
+def test_run_turns_stopped_into_its_exit_code_and_prints_the_hint_last(capsys):
+    from utils.cli import Stopped, run
+
+    def main(args):
+        print("step output")
+        raise Stopped("stopped by SIGTERM at step 3; to continue, rerun", signal.SIGTERM)
+
+    with pytest.raises(SystemExit) as e:
+        run(main, lambda argv: None)
+    assert e.value.code == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "stopped by SIGTERM at step 3; to continue, rerun"
 
 
 @pytest.mark.parametrize("script", ["run_sdd_nudity.sh", "run_esd_nudity.sh", "run_sdd_toy.sh", "run_esd_toy.sh"])
@@ -386,3 +426,203 @@ def test_conv_autotune_matches_stock_kernels(tiny_pipeline, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
     log = (b / "train.log").read_text()
     assert log.index("convolution kernels chosen per shape") < log.index("training starts")
+
+
+# ---------------------------------------------------------------------------------------- issue 11: paper defaults
+def script_argv(script: str, out: str = "OUT", *extra: str):
+    """(module, argv) of a run_*.sh script's python line, with its output folder and the flags appended to it."""
+    text = (ROOT / script).read_text().replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("python ") and "train_" in ln)
+    argv = shlex.split(line.replace('"$OUTPUT_DIR"', out).replace('"$@"', ""))
+    return {"train_sdd.py": train_sdd, "train_esd.py": train_esd}[argv[1]], [*argv[2:], *extra]
+
+
+def script_args(script: str, *extra: str):
+    """Parse a run_*.sh script's python command line (with extra flags appended, as the script passes "$@")."""
+    mod, argv = script_argv(script, "OUT", *extra)
+    return mod.parse_args(argv)
+
+
+def test_esd_script_is_the_papers_esd_x_3_and_appending_noxattn_gives_esd_u_3():
+    x = script_args("run_esd_nudity.sh")
+    u = script_args("run_esd_nudity.sh", "--finetuning_method", "noxattn")
+    for args in (x, u):  # the reference code's ESD: eta 3, AdamW with weight decay 1e-4, clipping at 1.0
+        assert (args.negative_guidance, args.weight_decay, args.max_grad_norm) == (3.0, 1e-4, 1.0)
+        assert (args.learning_rate, args.num_train_steps, args.guidance_scale) == (1e-5, 1000, 3.0)
+    assert x.finetuning_method == "xattn" and u.finetuning_method == "noxattn"
+    defaults = train_esd.parse_args(["--removing_concepts", "x"])  # the script's values are also train_esd's defaults
+    assert (defaults.negative_guidance, defaults.weight_decay, defaults.max_grad_norm) == (3.0, 1e-4, 1.0)
+
+
+@pytest.mark.parametrize("script", ["run_sdd_nudity.sh", "run_esd_nudity.sh"])
+def test_paper_scripts_train_in_fp32_and_take_the_small_gpu_form(script):
+    args = script_args(script)
+    assert args.mixed_precision == "no" and not args.gradient_checkpointing and not args.allow_tf32
+    small = script_args(script, "--mixed_precision", "bf16", "--gradient_checkpointing")
+    assert small.mixed_precision == "bf16" and small.gradient_checkpointing
+    assert "--mixed_precision bf16 --gradient_checkpointing" in (ROOT / script).read_text()  # documented there
+
+
+def test_sampling_prompt_and_removal_target_choices(capsys):
+    from utils.concepts import step_prompts
+    c = ["nudity", "red circle"]
+    assert step_prompts("nudity", c) == ("nudity", "nudity, red circle")            # paper: sample c_p, remove c_s
+    assert step_prompts("nudity", c, "all", "current") == ("nudity, red circle", "nudity")  # reference code
+    args = train_sdd.parse_args(["--removing_concepts", "x"])
+    assert (args.sampling_concept, args.removal_target) == ("current", "all")
+    with pytest.raises(SystemExit):
+        train_sdd.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag, paper, reference in (("--sampling_concept", "current", "all"), ("--removal_target", "all", "current")):
+        helptext = " ".join(text.split(f"\n  {flag} {{")[1].split("\n  --")[0].split())
+        assert f"'{paper}' = " in helptext.split("(paper, Alg. 1)")[0] and "(reference code)" in helptext
+        assert f"'{reference}' = " in helptext.split("(paper, Alg. 1)")[1]
+        assert f"(default: {paper})" in helptext
+
+
+def test_sampling_with_the_joined_string_samples_what_composite_samples(tiny_pipeline, tmp_path):
+    # with --sampling_concept all and --removal_target all every step samples and removes the joined string, which is
+    # exactly what --concept_method composite does: the same weights, bit for bit
+    a = train_sdd.main(sd_args(tiny_pipeline, tmp_path / "a", "--learning_rate", "1e-3", "--sampling_concept", "all"))
+    b = train_sdd.main(sd_args(tiny_pipeline, tmp_path / "b", "--learning_rate", "1e-3", "--concept_method", "composite"))
+    wa, wb = final_weights(a), final_weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the paper's default (sample c_p) is a different run
+    c = train_sdd.main(sd_args(tiny_pipeline, tmp_path / "c", "--learning_rate", "1e-3"))
+    wc = final_weights(c)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_timestep_jitter_draws_from_t_to_t_plus_stride_inside_the_schedule():
+    from utils.sampling import jitter_timestep
+    sched = DDIMScheduler(num_train_timesteps=1000, steps_offset=1)
+    sched.set_timesteps(10)  # stride 100; timesteps 901, 801, ..., 1
+    t = sched.timesteps.repeat_interleave(2000)
+    jt = jitter_timestep(t, sched, torch.Generator().manual_seed(0))
+    off = jt - t
+    assert off.min() == 0 and (jt < 1000).all()
+    for ts in sched.timesteps.tolist():
+        o = off[t == ts]
+        top = min(100, 1000 - ts)  # the top bucket [901, 1000) is cut at T - 1
+        assert int(o.min()) == 0 and int(o.max()) == top - 1
+        assert abs(float(o.float().mean()) - (top - 1) / 2) < 0.1 * top  # uniform, not piled on an end
+
+
+# ---------------------------------------------------------------------------------------- a resumed run is the same run
+def partial_run(pipe: Path, tmp_path: Path, *extra: str) -> Path:
+    """A run stopped after its step-1 checkpoint: a one-step run's checkpoint and args.json in a fresh folder."""
+    done = train_sdd.main(sd_args(pipe, tmp_path / "done", "--num_train_steps", "1", "--checkpointing_steps", "1",
+                                  *extra))
+    part = tmp_path / "part"
+    shutil.copytree(done / "checkpoint-1", part / "checkpoint-1")
+    shutil.copy(done / "args.json", part / "args.json")
+    return part
+
+
+def test_resume_with_other_flags_is_refused_naming_them_before_anything_is_written(tiny_pipeline, tmp_path):
+    part = partial_run(tiny_pipeline, tmp_path)
+    with pytest.raises(UserError) as e:
+        train_sdd.main(sd_args(tiny_pipeline, part, "--resume_from_checkpoint", "latest", "--learning_rate", "1e-3",
+                               "--seed", "5", "--removing_concepts", "nudity"))
+    msg = str(e.value)
+    assert "\n" not in msg and "--learning_rate 1e-05 (now 0.001)" in msg and "--seed 0 (now 5)" in msg
+    assert "--removing_concepts ['nudity', 'red circle'] (now ['nudity'])" in msg
+    assert "num_train_steps" not in msg and not (part / "train.log").exists()
+
+
+def test_resume_with_neutral_flags_continues_and_keeps_args_json(tiny_pipeline, tmp_path):
+    part = partial_run(tiny_pipeline, tmp_path)
+    before = (part / "args.json").read_text()
+    train_sdd.main(sd_args(tiny_pipeline, part, "--resume_from_checkpoint", "latest", "--checkpointing_steps", "7",
+                           "--validation_prompts", "a cat", "--threads", "1"))  # FAST's 3 steps: extends the run
+    assert (part / "args.json").read_text() == before and (part / "unet").exists()
+    log = (part / "train.log").read_text()
+    assert "resumed from" in log and '"checkpointing_steps": 7' in log  # the resumed invocation's flags are logged
+
+
+def test_extending_a_run_whose_lr_schedule_depends_on_its_length_is_refused(tiny_pipeline, tmp_path):
+    part = partial_run(tiny_pipeline, tmp_path, "--lr_scheduler", "cosine")
+    with pytest.raises(UserError, match=r"--num_train_steps 1 \(now 3\)"):
+        train_sdd.main(sd_args(tiny_pipeline, part, "--resume_from_checkpoint", "latest", "--lr_scheduler", "cosine"))
+
+
+def test_a_finished_run_is_not_continued_without_overwrite(tiny_pipeline, tmp_path):
+    done = train_sdd.main(sd_args(tiny_pipeline, tmp_path / "o", "--checkpointing_steps", "1"))
+    before = (done / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    with pytest.raises(UserError, match="finished run"):
+        train_sdd.main(sd_args(tiny_pipeline, done, "--resume_from_checkpoint", "latest", "--num_train_steps", "5"))
+    assert (done / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
+
+
+# ---------------------------------------------------------------------------------------- threads
+def test_threads_auto_leaves_the_busy_cores_alone_and_an_explicit_count_wins(monkeypatch):
+    from utils.cli import apply_threads
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        assert apply_threads(0, torch.device("cpu")) == 1  # the user's OMP_NUM_THREADS is kept
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr(os, "getloadavg", lambda: (cores + 3.2, 0.0, 0.0))  # a machine busier than its cores
+        assert apply_threads(0, torch.device("cpu")) == 1 == torch.get_num_threads()
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.0, 0.0))  # an idle machine
+        assert apply_threads(0, torch.device("cpu")) == cores == torch.get_num_threads()
+        assert apply_threads(3, torch.device("cpu")) == 3 == torch.get_num_threads()
+        torch.set_num_threads(2)
+        assert apply_threads(0, torch.device("cuda")) == 2 == torch.get_num_threads()  # a GPU run: untouched
+        with pytest.raises(UserError, match="--threads"):
+            apply_threads(-1, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_trainer_applies_and_logs_the_thread_count(tiny_pipeline, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        out = train_esd.main(esd_args(tiny_pipeline, tmp_path / "o", "--threads", "1", "--num_train_steps", "1"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert "device cpu, 1 torch threads" in (out / "train.log").read_text()
+
+
+# ---------------------------------------------------------------------------------------- the docs' commands run
+def doc_training_commands() -> list[tuple[str, str]]:
+    """(page, command) for every distinct `bash run_*_nudity.sh ...` / `python train_*.py ...` in the training docs."""
+    found = {}
+    for page in ("training.md", "reproducing.md"):
+        text = (ROOT / "docs" / page).read_text()
+        blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+        lines = [ln for b in blocks for ln in b.replace("\\\n", " ").splitlines()]
+        lines += re.findall(r"`((?:bash|python) [^`]*)`", re.sub(r"```.*?```", "", text, flags=re.S))
+        for ln in lines:
+            if re.match(r"\s*(bash run_\w+_nudity\.sh|python train_)", ln):
+                found.setdefault(" ".join(shlex.split(ln, comments=True)), page)
+    return [(page, command) for command, page in found.items()]
+
+
+def test_the_docs_show_the_paper_rows_and_the_small_gpu_form():
+    commands = [c for _, c in doc_training_commands()]
+    assert "bash run_sdd_nudity.sh outputs/sdd-nudity" in commands
+    assert "bash run_esd_nudity.sh outputs/esd-u-nudity --finetuning_method noxattn" in commands
+    assert any("--mixed_precision bf16 --gradient_checkpointing" in c for c in commands)
+
+
+@pytest.mark.parametrize("page,command", doc_training_commands())
+def test_training_docs_command_runs(tiny_pipeline, tmp_path, page, command, capsys):
+    """Each command as written, with the tiny pipeline, one step on the CPU and a temp output folder appended."""
+    argv = shlex.split(command)
+    if argv[0] == "bash":
+        mod, argv = script_argv(argv[1], *(argv[2:] or ["OUT"]))
+    else:
+        mod, argv = {"train_sdd.py": train_sdd, "train_esd.py": train_esd}[argv[1]], argv[2:]
+    if "--help" in argv:
+        with pytest.raises(SystemExit) as e:
+            mod.parse_args(argv)
+        assert e.value.code == 0 and "--removing_concepts" in capsys.readouterr().out
+        return
+    out = tmp_path / "out"
+    mod.main(mod.parse_args([*argv, "--pretrained_model_name_or_path", str(tiny_pipeline), "--num_train_steps", "1",
+                             "--num_ddim_steps", "2", "--device", "cpu", "--output_dir", str(out)]))
+    assert (out / "unet").exists() and (out / "erasure.safetensors").exists()

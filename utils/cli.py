@@ -34,13 +34,25 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.short_usage()}\nerror: {message}\nsee: {self.prog} --help\n")
 
 
+class Stopped(Exception):
+    """A run stopped by a signal after saving its state: exit code 128 + signal number, the message printed last."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 def run(main: Callable[[argparse.Namespace], object], parse_args: Callable[[Sequence[str] | None], argparse.Namespace]) -> None:
-    """Entry point for `if __name__ == "__main__"`: turns UserError into a one-line message."""
+    """Entry point for `if __name__ == "__main__"`: UserError -> one line and exit 2; Stopped -> its hint, 128 + signal."""
     try:
         main(parse_args(None))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:  # 130 for SIGINT, 143 for SIGTERM, so that `set -e` scripts stop here
+        sys.stdout.flush()
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -85,3 +97,25 @@ def setup_logging(output_dir: str | os.PathLike, filename: str) -> logging.Logge
     logger.addHandler(sh)
     logger.propagate = False
     return logger
+
+
+def add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    """`--threads N`: torch's CPU thread count (0 = auto, see apply_threads)."""
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads; 0 = auto: on the CPU, the usable cores minus the machine's current "
+                             "load (at least 1), so a busy machine is not oversubscribed, or OMP_NUM_THREADS if set; "
+                             "on a GPU, torch's default")
+
+
+def apply_threads(n: int, device: torch.device) -> int:
+    """Set torch's thread count: N if given; auto (0) on the CPU = usable cores - current load (>= 1); returns it."""
+    if n < 0:
+        raise UserError(f"--threads must be >= 0 (0 = auto), got {n}")
+    if n == 0 and (device.type != "cpu" or os.environ.get("OMP_NUM_THREADS")):
+        return torch.get_num_threads()  # a GPU run, or the user's own OMP_NUM_THREADS: left as it is
+    if n == 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        load = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+        n = max(1, cores - load)
+    torch.set_num_threads(n)
+    return n

@@ -5,6 +5,9 @@ import random
 from typing import Sequence
 
 CONCEPT_METHODS = ("iterative", "random", "composite", "sequential")
+# which prompt samples z_t and which one is removed: the step's concept c_p, or all concepts joined
+SAMPLING_CONCEPTS = {"current": "the step's concept c_p (paper, Alg. 1)", "all": "all concepts joined (reference code)"}
+REMOVAL_TARGETS = {"all": "all concepts joined (paper, Alg. 1)", "current": "the step's concept c_p (reference code)"}
 
 
 def joined(concepts: Sequence[str]) -> str:
@@ -25,3 +28,11 @@ def concept_schedule(concepts: Sequence[str], method: str, num_steps: int, seed:
     if method == "sequential":
         return [concepts[min(s * n // max(num_steps, 1), n - 1)] for s in range(num_steps)]
     raise ValueError(f"unknown concept method {method!r}; choose from {', '.join(CONCEPT_METHODS)}")
+
+
+def step_prompts(c_p: str, concepts: Sequence[str], sampling: str = "current", removal: str = "all") -> tuple[str, str]:
+    """(prompt that samples z_t, prompt that is removed) for a step whose concept is c_p."""
+    pick = {"current": c_p, "all": joined(concepts)}
+    if sampling not in pick or removal not in pick:
+        raise ValueError(f"sampling and removal must each be 'current' or 'all', got {sampling!r}, {removal!r}")
+    return pick[sampling], pick[removal]

@@ -1,10 +1,12 @@
-"""Guided DDIM sampling with any weight view, stopped after k of N steps (SDD's z_t), and latent decoding."""
+"""Guided DDIM sampling with any weight view, stopped after k of N steps (SDD's z_t), latent decoding, validation."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from utils.images import image_grid, save_png, to_pil
 from utils.views import View, call
 
 
@@ -54,10 +56,12 @@ def trajectory_points(unet: torch.nn.Module, view: View | None, scheduler, z_T: 
 
 
 def jitter_timestep(t: torch.Tensor, scheduler, generator: torch.Generator) -> torch.Tensor:
-    """A DDPM timestep drawn uniformly from t's DDIM bucket (t - stride, t], stride = T / N."""
-    stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    offset = torch.randint(0, stride, t.shape, generator=generator).to(t.device)
-    return (t - offset).clamp(min=0)
+    """A DDPM timestep drawn uniformly from [t, t + stride) (as the reference code), stride = T / N, kept below T."""
+    num_train = scheduler.config.num_train_timesteps
+    stride = num_train // scheduler.num_inference_steps
+    span = (num_train - t.cpu()).clamp(min=1, max=stride)  # the top bucket is cut at T - 1, not piled onto it
+    offset = (torch.rand(t.shape, generator=generator) * span).long()
+    return t + offset.to(t.device)
 
 
 @torch.no_grad()
@@ -65,6 +69,26 @@ def decode_latents(vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [0, 1], (B, 3, H, W), float32 on the CPU."""
     x = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample
     return (x.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+
+@torch.no_grad()
+def validation_grid(unet: torch.nn.Module, views: dict[str, View | None], scheduler, vae: torch.nn.Module,
+                    embeds: dict[str, torch.Tensor], prompts: Sequence[str], latent_shape: Sequence[int],
+                    device: torch.device, autocast, path: Path, *, n: int, seed: int, scale: float) -> None:
+    """Sample n images of each prompt with each view (seed + prompt index, every time) and save one labelled grid."""
+    rows, labels = [], []
+    was_training = unet.training
+    unet.eval()
+    for view_name, view in views.items():
+        for i, prompt in enumerate(prompts):
+            gen = torch.Generator().manual_seed(seed + i)
+            z = torch.randn((n, *latent_shape), generator=gen).to(device)
+            with autocast():
+                z = ddim_sample(unet, view, scheduler, z, embeds[prompt], embeds[""], scale)
+            rows.append(to_pil(decode_latents(vae, z)))
+            labels.append(f"{view_name}: {prompt}" if len(views) > 1 else prompt)
+    unet.train(was_training)
+    save_png(image_grid(rows, labels, label_width=160), path)
 
 
 class TrajectoryQueue:

@@ -1,0 +1,196 @@
+"""A run's bookkeeping: checks before anything is written, resumable checkpoints, the flags that make a resumed run
+the same run, and stopping on SIGINT/SIGTERM after a checkpoint."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from utils.cli import UserError
+from utils.sampling import TrajectoryQueue
+from utils.saving import atomic_dir
+from utils.text import read_word_list
+
+log = logging.getLogger("sdd")
+
+# Flags that do not change what is learned (hardware, speed, where and how often things are written, validation);
+# every other flag defines the run, so a checkpoint only continues under the same values.
+NEUTRAL_FLAGS = frozenset({
+    "device", "threads", "gradient_checkpointing", "allow_tf32", "conv_autotune",
+    "output_dir", "overwrite_output_dir", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
+    "validation_prompts", "validation_steps", "num_validation_images", "validation_guidance_scale", "eval_with",
+})
+# lr schedules whose value at step s does not depend on --num_train_steps (a run with them may be extended)
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
+
+
+@dataclass
+class TrainState:
+    """The live objects a checkpoint saves and restores."""
+
+    subset: dict[str, torch.nn.Parameter]
+    method: Any                      # utils.trainer.Method: state_dict() / load_state_dict()
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    queue: TrajectoryQueue
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """checkpoint-N folders holding a state.pt, oldest first."""
+    found = [p for p in output_dir.glob("checkpoint-*")
+             if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "state.pt").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def check_run_args(args: argparse.Namespace) -> tuple[list[str], list[str], Path | None, dict]:
+    """Concepts, validation prompts, the checkpoint to resume and the run's identity; UserError before any write."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("training runs on one device; launch it without --num_processes > 1 (generate.py scales out)")
+    concepts = read_word_list(args.removing_concepts, "concepts (--removing_concepts)")
+    val_prompts = read_word_list(args.validation_prompts, "validation prompts") if args.validation_prompts else []
+    if not 1 <= args.trajectory_samples <= args.num_ddim_steps:
+        raise UserError(f"--trajectory_samples must be in [1, --num_ddim_steps], got {args.trajectory_samples}")
+    if not 1 <= args.trajectory_samples * args.trajectory_reuse <= args.num_ddim_steps:
+        raise UserError(f"--trajectory_samples x --trajectory_reuse must be in [1, --num_ddim_steps = "
+                        f"{args.num_ddim_steps}], got {args.trajectory_samples} x {args.trajectory_reuse}")
+    for flag in ("num_train_steps", "num_ddim_steps", "train_batch_size", "gradient_accumulation_steps",
+                 "checkpointing_steps", "validation_steps", "num_validation_images"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    resume = resolve_resume(args)
+    check_output_dir(args, resume)
+    identity = run_identity(args, concepts)
+    if resume is not None:
+        check_same_run(resume, identity)
+    return concepts, val_prompts, resume, identity
+
+
+def resolve_resume(args: argparse.Namespace) -> Path | None:
+    """The checkpoint folder to resume from, None to start fresh; UserError for a path that does not exist."""
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = list_checkpoints(Path(args.output_dir))
+        return found[-1] if found else None
+    path = Path(args.resume_from_checkpoint)
+    if not (path / "state.pt").exists():
+        raise UserError(f"checkpoint {path} does not exist (expected a checkpoint-N folder with state.pt)")
+    return path
+
+
+def check_output_dir(args: argparse.Namespace, resume: Path | None) -> None:
+    """Refuse to overwrite or extend a finished run, or to ignore checkpoints silently."""
+    out = Path(args.output_dir)
+    if args.overwrite_output_dir:
+        return
+    if (out / "unet").exists() or (out / "erasure.safetensors").exists():
+        raise UserError(f"{out} already holds a finished run (unet/); pick another --output_dir, or pass "
+                        f"--overwrite_output_dir to replace it")
+    if resume is None and list_checkpoints(out) and args.resume_from_checkpoint != "latest":
+        raise UserError(f"{out} holds checkpoints; pass --resume_from_checkpoint latest or --overwrite_output_dir")
+
+
+def run_identity(args: argparse.Namespace, concepts: Sequence[str]) -> dict:
+    """The flags that define the run (JSON values), with the concepts as read; --num_train_steps only if it matters."""
+    ident = {k: v for k, v in sorted(vars(args).items()) if k not in NEUTRAL_FLAGS}
+    ident["removing_concepts"] = list(concepts)
+    if args.lr_scheduler in LENGTH_FREE_SCHEDULES and args.concept_method != "sequential":
+        ident.pop("num_train_steps")  # extending such a run changes nothing before its old end
+    return json.loads(json.dumps(ident, default=str))
+
+
+def check_same_run(path: Path, identity: dict) -> None:
+    """UserError naming every flag whose value differs from the checkpoint's run (one line)."""
+    saved_file = path / "run.json"
+    if not saved_file.exists():
+        log.warning("%s has no run.json (written by an older version): its flags cannot be checked", path)
+        return
+    saved = json.loads(saved_file.read_text(encoding="utf-8"))
+    keys = sorted(set(saved) | set(identity))
+    unset = "(not set)"
+    diffs = [f"--{k} {saved.get(k, unset)} (now {identity.get(k, unset)})" for k in keys if saved.get(k) != identity.get(k)]
+    if diffs:
+        raise UserError(f"checkpoint {path} belongs to a run with other flags: {', '.join(diffs)}; resume with its "
+                        f"flags ({path / 'run.json'}) or start a new --output_dir")
+
+
+def save_checkpoint(out: Path, step: int, state: TrainState, identity: dict, limit: int | None) -> Path:
+    """checkpoint-N/ with state.pt (weights, optimizer, schedules, RNG, queued trajectories) and run.json; atomic."""
+    final = out / f"checkpoint-{step}"
+    blob = {
+        "step": step,
+        "student": {n: p.detach().cpu() for n, p in state.subset.items()},
+        "method": {n: v.detach().cpu() if torch.is_tensor(v) else v for n, v in state.method.state_dict().items()},
+        "optimizer": state.optimizer.state_dict(),
+        "lr_scheduler": state.lr_scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "trajectories": state.queue.state_dict(),
+        "rng": {"generator": state.generator.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    }
+    with atomic_dir(final) as tmp:
+        torch.save(blob, tmp / "state.pt")
+        (tmp / "run.json").write_text(json.dumps(identity, indent=2), encoding="utf-8")
+    if limit:
+        for old in list_checkpoints(out)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    log.info("saved %s", final)
+    return final
+
+
+def load_checkpoint(path: Path, state: TrainState, device: torch.device) -> int:
+    """Restore a checkpoint written by save_checkpoint into `state`; returns its step."""
+    blob = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    if blob["student"].keys() != state.subset.keys():
+        raise UserError(f"checkpoint {path} trains other parameters than --finetuning_method asks for")
+    with torch.no_grad():
+        for n, p in state.subset.items():
+            p.copy_(blob["student"][n])
+    state.method.load_state_dict(blob["method"])
+    state.optimizer.load_state_dict(blob["optimizer"])
+    state.lr_scheduler.load_state_dict(blob["lr_scheduler"])
+    state.scaler.load_state_dict(blob["scaler"])
+    state.queue.load_state_dict(blob.get("trajectories", {}), device)
+    state.generator.set_state(blob["rng"]["generator"])
+    torch.set_rng_state(blob["rng"]["torch"])
+    if blob["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+    return int(blob["step"])
+
+
+class StopOnSignal:
+    """Turns SIGINT/SIGTERM into 'save a checkpoint after this step, then stop' (a second signal stops at once)."""
+
+    def __init__(self) -> None:
+        self.raised, self.signum = False, None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handler
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.raised:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.raised, self.signum = True, signum
+        tqdm.write(f"received {signal.Signals(signum).name}: saving a checkpoint after this step (again: stop now)")
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
