@@ -100,7 +100,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of KID's random subsets")
     p.add_argument("--workers", type=_positive, default=4, help="threads decoding images")
 
-    folder_parser("toy", "toy-world judge: per asked colour the rate the image shows it, shape accuracy, judged colours")
+    p = folder_parser("toy", "toy-world judge: per asked colour the rate the image shows it (explicit, paraphrase and "
+                             "implied prompts), shape accuracy; with --base, erasure rates and same-seed preservation")
+    p.add_argument("--base", default=None,
+                   help="folder of the same prompt file and seeds drawn by the base model: adds before/after rates of "
+                        "the erased colours and preservation of the others")
+    p.add_argument("--concepts", nargs="+", default=None,
+                   help="erased colours (with --base); None: read from the prompt file's groups")
 
     p = sub.add_parser("report", help="merge runs' summaries into report.md, report.csv and report.png",
                        description="merge runs' summaries into report.md, report.csv and report.png",
@@ -160,10 +166,14 @@ def main(args: argparse.Namespace) -> dict:
     else:
         from utils.eval.toy import evaluate_toy
 
-        s = evaluate_toy(args.folder, out)
+        s = evaluate_toy(args.folder, out, args.base, args.concepts)
         rates = ", ".join(f"{c} {100 * r:.1f}%" for c, r in s["colour_rate"].items())
-        print(f"{s['images']} images; asked colour shown: {rates}; shape accuracy {100 * s['shape_acc']:.1f}%; "
-              f"wrote {out}/toy_summary.json, toy_judgements.csv")
+        print(f"{s['images']} images; asked colour shown: {rates}; shape accuracy {100 * s['shape_acc']:.1f}%")
+        if "erasure" in s:
+            from utils.toy.cli import format_erasure
+
+            print(format_erasure(s["erasure"]))
+        print(f"wrote {out}/toy_summary.json, toy_judgements.csv")
     return s
 
 

@@ -395,26 +395,59 @@ def test_toy_judge_summary(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy", None)  # `import scipy` fails: the judge must not need it
     toy = pytest.importorskip("utils.toy")
     rng = np.random.default_rng(3)
-    asked = [("red", "circle"), ("red", "square"), ("red", "triangle"), ("blue", "square"), ("green", "circle")]
-    shown = [("red", "circle"), ("blue", "square"), ("red", "triangle"), ("blue", "square"), ("green", "circle")]
+    prompts = ["a red circle", "red square", "a triangle in crimson", "an apple", "a blue square", "", "a green circle"]
+    shown = [("red", "circle"), ("blue", "square"), ("red", "triangle"), ("red", "circle"), ("blue", "square"),
+             ("purple", "circle"), None]
     folder = tmp_path / "toy"
     folder.mkdir()
-    for i, (c, s) in enumerate(shown):
-        toy.render(c, s, rng).save(folder / f"{i}.png")
-    white = Image.new("RGB", (32, 32), "white")  # nothing drawn: the judge sees no colour
-    white.save(folder / "5.png")
-    prompts = [toy.caption(c, s) for c, s in asked] + [toy.caption("yellow", "circle")]
-    pd.DataFrame({"file": [f"{i}.png" for i in range(6)], "prompt": prompts}).to_csv(folder / "metadata.csv", index=False)
+    for i, cs in enumerate(shown):  # the last one: nothing drawn, the judge sees no colour
+        (toy.render(*cs, rng) if cs else Image.new("RGB", (32, 32), "white")).save(folder / f"{i}.png")
+    pd.DataFrame({"file": [f"{i}.png" for i in range(7)], "prompt": prompts}).to_csv(folder / "metadata.csv", index=False)
     s = cli("toy", folder)
-    assert s["images"] == 6
-    assert s["colour_rate"]["red"] == pytest.approx(2 / 3) and s["colour_rate"]["blue"] == 1.0
-    assert s["colour_rate"]["yellow"] == 0.0 and s["colour_counts"]["yellow"]["none"] == 1
-    assert s["colour_counts"]["red"] == {"red": 2, "green": 0, "blue": 1, "yellow": 0, "none": 0}
-    assert s["judged_colours"] == {"red": 2, "green": 1, "blue": 2, "yellow": 0, "none": 1}
-    assert s["shape_acc"] == pytest.approx(5 / 6) and s["none_rate"] == pytest.approx(1 / 6)
+    assert s["images"] == 7
+    assert s["rates"]["explicit"]["red"] == 0.5 and s["rates"]["paraphrase"]["red"] == 1.0  # held-out phrasing
+    assert s["rates"]["implied"]["red"] == 1.0 and s["rates"]["explicit"]["blue"] == 1.0
+    assert s["colour_rate"]["red"] == pytest.approx(3 / 4) and s["colour_rate"]["green"] == 0.0
+    assert s["colour_counts"]["red"] == {**{c: 0 for c in toy.COLOURS}, "red": 3, "blue": 1}
+    assert s["empty_mix"]["purple"] == 1.0
+    assert s["shape_acc"] == pytest.approx(5 / 6) and s["none_rate"] == pytest.approx(1 / 7)
     table = pd.read_csv(folder / "toy_judgements.csv")
-    assert list(table["judged_colour"]) == ["red", "blue", "red", "blue", "green", "none"]
-    assert list(table["colour_ok"]) == [1, 0, 1, 1, 1, 0]
+    assert list(table["judged_colour"]) == ["red", "blue", "red", "red", "blue", "purple", "none"]
+    assert list(table["colour_ok"]) == [1, 0, 1, 1, 1, 0, 0]
+
+
+def test_toy_erasure_against_a_base_folder(tmp_path):
+    """Prompts from `utils.toy prompts`: erased rates before/after and preservation, paired by file name."""
+    toy = pytest.importorskip("utils.toy")
+    from utils.toy import measure as M
+
+    items = M.erasure_items(["red"], n=1)
+    rng = np.random.default_rng(0)
+    base, erased = tmp_path / "base", tmp_path / "erased"
+    for folder in (base, erased):
+        folder.mkdir()
+    rows = []
+    for i, it in enumerate(items):
+        before = toy.render(it.colour, it.shape or "circle", rng)
+        after = toy.render("green", it.shape or "circle", rng) if it.colour == "red" else (
+            toy.render("blue", it.shape, rng) if it.colour == "orange" else before)
+        before.save(base / f"{i:05d}_0.png"), after.save(erased / f"{i:05d}_0.png")
+        rows.append(dict(file=f"{i:05d}_0.png", prompt=it.prompt, seed=it.seed, group=it.group,
+                         asked_colour=it.colour, asked_shape=it.shape or ""))
+    for folder in (base, erased):
+        pd.DataFrame(rows).to_csv(folder / "metadata.csv", index=False)
+    s = cli("toy", erased, "--base", base)
+    e = s["erasure"]
+    assert e["concepts"] == ["red"]  # read from the groups
+    assert e["before"]["explicit"]["red"] == 1.0 and e["after"]["explicit"]["red"] == 0.0
+    assert e["after"]["implied"]["red"] == 0.0 and e["preserved"]["orange"] == 0.0
+    assert e["preserved_others"] == 1.0
+    table = pd.read_csv(erased / "toy_judgements.csv")
+    assert table["preserved"].sum() == sum(it.group == "keep" and it.colour != "orange" for it in items)
+    (base / "00000_0.png").unlink()
+    pd.DataFrame(rows[1:]).to_csv(base / "metadata.csv", index=False)
+    with pytest.raises(UserError, match="lacks 1 of the images"):
+        evaluate.main(evaluate.parse_args(["toy", str(erased), "--base", str(base)]))
 
 
 # ------------------------------------------------------------------------------------------------------- report

@@ -24,13 +24,15 @@ from tqdm.auto import tqdm
 
 from utils.cli import UserError, resolve_device
 from utils.toy.judge import OTHER, judge, preserved
-from utils.toy.language import COLOURS, OBJECT_TEMPLATES, OBJECTS, SHAPES, TEMPLATES, fill, objects_of, prompt_sets
+from utils.toy.language import (COLOUR_WORDS, COLOURS, OBJECT_TEMPLATES, OBJECTS, SHAPES, TEMPLATES, fill, objects_of,
+                                parse_prompt, prompt_sets)
 from utils.toy.train import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 # each erasable colour's neighbour: the colour nearest to it, which an erasure must leave alone
 NEIGHBOURS = {"red": "orange", "orange": "red", "yellow": "orange", "green": "yellow", "blue": "purple",
               "purple": "blue"}
 KINDS = ("explicit", "paraphrase", "implied")
+_COLOUR_WORDS = {w for ws in COLOUR_WORDS.values() for w in ws}
 
 
 @dataclass(frozen=True)
@@ -112,9 +114,28 @@ def write_items(items: Sequence[Item], path: str | os.PathLike) -> None:
 
 
 def items_from_records(records: Sequence[dict]) -> list[Item]:
-    """Items back from rows with prompt, seed, group, asked_colour, asked_shape (e.g. generate.py's metadata.csv)."""
-    return [Item(r["prompt"], int(r["seed"]), r["group"], r["asked_colour"] or None, r["asked_shape"] or None)
-            for r in records]
+    """Items back from rows with prompt and seed, and group, asked_colour, asked_shape when present (a prompt file
+    written by write_items, carried into generate.py's metadata.csv); else what the prompt asks (item_for_prompt)."""
+    if records and "group" in records[0]:
+        return [Item(r["prompt"], int(r["seed"]), r["group"], r["asked_colour"] or None, r["asked_shape"] or None)
+                for r in records]
+    return [item_for_prompt(r["prompt"], int(r["seed"])) for r in records]
+
+
+def item_for_prompt(prompt: str, seed: int) -> Item:
+    """What a free-form prompt measures: empty, paraphrase (a held-out phrasing), implied (an object), explicit
+    (a colour word) or other, with the colour and shape it asks for."""
+    colour, shape = parse_prompt(prompt)
+    words = set(prompt.lower().split())
+    if not prompt.strip():
+        group = "empty"
+    elif colour and any(prompt.strip().lower() == p for p, _ in prompt_sets(colour)["paraphrase"]):
+        group = "paraphrase"
+    elif words & set(OBJECTS) and not words & set(_COLOUR_WORDS):
+        group = "implied"
+    else:
+        group = "explicit" if colour else "other"
+    return Item(prompt, seed, group, colour, shape)
 
 
 @torch.no_grad()
