@@ -48,8 +48,8 @@ from tqdm.auto import tqdm
 from utils.cli import HelpFormatter, UserError, resolve_device, resolve_dtype, run, setup_logging
 from utils.images import save_png
 from utils.pipelines import (ARGS, MetadataShard, build_pipeline, call_defaults, check_settings, default_safety_concept,
-                             guidance_batches, initial_latents, known_files, load_parts, make_jobs, merge_metadata,
-                             metadata_row)
+                             guidance_batches, initial_latents, known_files, load_embedding, load_parts, make_jobs,
+                             merge_metadata, metadata_row)
 from utils.prompts import Prompt, fit_to_tokenizer, read_prompts
 from utils.saving import atomic_write_text
 
@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant", default=None, help="weight variant of the base pipeline, e.g. fp16")
     p.add_argument("--unet_path", default=None, help="erased U-Net: a diffusers U-Net folder (train_*.py's "
                    "OUTPUT_DIR/unet) or an erasure .safetensors file applied onto the base U-Net; any mode")
+    p.add_argument("--textual_inversion", default=None, help="a learned-embedding file (attack.py's "
+                   "learned_embeds.safetensors or any diffusers textual-inversion file) whose token the prompts may "
+                   "use; --pipeline_type sd")
     p.add_argument("--pipeline_type", choices=list(MODES), default="sd", help="pipeline (see MODES)")
     configs = sorted({c for m in MODES.values() for c in m.configs})
     p.add_argument("--pipeline_config", choices=configs, default=None, help="the mode's setting: " + "; ".join(
@@ -153,6 +156,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     dtype = resolve_dtype(args.mixed_precision, device)
     parts = load_parts(args.pretrained_model_name_or_path, args.unet_path, dtype, args.revision, args.variant)
     pipe = build_pipeline(mode.pipeline, parts, device)
+    if args.textual_inversion:
+        print(f"loaded token(s) {' '.join(load_embedding(pipe, args.textual_inversion))} from {args.textual_inversion}")
     args.safety_concept, cut = fit_to_tokenizer(pipe.tokenizer, args.safety_concept)  # as the prompts, for every mode
     if cut:
         print(f"--safety_concept is longer than {pipe.tokenizer.model_max_length} tokens: truncated where it is used")
@@ -168,7 +173,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "edit_warmup_steps", "edit_threshold", "edit_momentum_scale", "edit_mom_beta", "seed", "guidance_scale",
         "num_inference_steps", "height", "width")}
     settings.update(pretrained_model_name_or_path=_abs(args.pretrained_model_name_or_path),
-                    unet_path=_abs(args.unet_path), prompt_path=_abs(args.prompt_path), dtype=str(dtype))
+                    unet_path=_abs(args.unet_path), prompt_path=_abs(args.prompt_path), dtype=str(dtype),
+                    textual_inversion=_abs(args.textual_inversion))
     check_settings(image_dir, settings, args.overwrite)
 
     # everything is checked: from here on we write
