@@ -10,9 +10,8 @@ judged the concept's colour; nudity: NudeNet nudity rate). See docs/attack.md.
   python attack.py --concept nudity --unet_path outputs/esd-nudity/erasure.safetensors --metric nudity \\
       --output_dir outputs/attack-esd-nudity
   python attack.py --pretrained_model_name_or_path assets/toy-sd --unet_path outputs/toy-esd/unet --concept red \\
-      --metric toy --target_prompt "a {} circle" "a {} square" "a {} triangle" \\
-      --prompts "a {} circle" "a {} square" "a {} triangle" --guidance_scale 5 --num_inference_steps 20 \\
-      --output_dir outputs/attack-toy-esd
+      --metric toy --target_prompt prompts/attack_toy.txt --prompts prompts/attack_toy.txt --num_vectors 4 \\
+      --num_target_images 24 --guidance_scale 5 --num_inference_steps 20 --output_dir outputs/attack-toy-esd
 
 Outputs in --output_dir: targets/ + target_prompts.txt (generated targets), learned_embeds.safetensors (loads with
 pipe.load_textual_inversion; generate.py --textual_inversion), pre_attack_prompts.txt + pre_attack/,

@@ -214,3 +214,21 @@ def test_bad_input_is_one_line_on_the_command_line(tiny_pipeline, tmp_path):
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "--target_dir" in errors[0] and "Traceback" not in res.stderr
     assert not out.exists()
+
+
+def test_generate_refuses_a_bad_embedding_file(tiny_pipeline, tmp_path):
+    """generate.py --textual_inversion: a file that is no embedding, or a mode that cannot load one, is one line."""
+    import generate
+
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    (tmp_path / "bad.safetensors").write_text("not safetensors")
+    base = ["--pretrained_model_name_or_path", str(tiny_pipeline), "--prompt_path", str(tmp_path / "p.txt"),
+            "--image_dir", str(tmp_path / "img"), "--device", "cpu"]
+    with pytest.raises(UserError, match="could not load the textual-inversion embedding"):
+        generate.main(generate.parse_args(base + ["--textual_inversion", str(tmp_path / "bad.safetensors")]))
+    with pytest.raises(UserError, match="is not a file"):
+        generate.main(generate.parse_args(base + ["--textual_inversion", str(tmp_path / "none.safetensors")]))
+    with pytest.raises(UserError, match="--pipeline_type sd"):
+        generate.main(generate.parse_args(base + ["--textual_inversion", str(tmp_path / "bad.safetensors"),
+                                                  "--pipeline_type", "sld"]))
+    assert not (tmp_path / "img").exists()
