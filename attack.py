@@ -138,7 +138,8 @@ def _check(args: argparse.Namespace) -> dict:
     if args.unet_path:
         load_unet_into(parts.unet, args.unet_path)
     concept_token_ids(parts.tokenizer, args.concept)
-    init_ids = concept_token_ids(parts.tokenizer, args.initializer_token or args.concept)
+    init_ids = concept_token_ids(parts.tokenizer, args.initializer_token or args.concept,
+                                 "--initializer_token" if args.initializer_token else "--concept")
     tokens = placeholder_tokens(placeholder, args.num_vectors)
     new_ids = add_placeholder_tokens(parts.tokenizer, tokens)
     resolution = args.resolution or parts.default_resolution

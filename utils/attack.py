@@ -63,16 +63,16 @@ def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
     return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
 
 
-def concept_token_ids(tokenizer, concept: str) -> list[int]:
+def concept_token_ids(tokenizer, concept: str, flag: str = "--concept") -> list[int]:
     """The concept's token ids (no start/end tokens); UserError when it has none, unknown ones, or too many."""
     ids = tokenizer(concept, add_special_tokens=False).input_ids
     if not ids:
-        raise UserError(f"--concept {concept!r} gives no tokens with this tokenizer; pass a word it can spell")
+        raise UserError(f"{flag} {concept!r} gives no tokens with this tokenizer; pass a word it can spell")
     if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids and tokenizer.unk_token not in concept:
-        raise UserError(f"--concept {concept!r} holds characters this tokenizer does not know")
+        raise UserError(f"{flag} {concept!r} holds characters this tokenizer does not know")
     room = tokenizer.model_max_length - 2
     if len(ids) > room:
-        raise UserError(f"--concept {concept!r} is {len(ids)} tokens; the tokenizer fits at most {room} in a prompt")
+        raise UserError(f"{flag} {concept!r} is {len(ids)} tokens; the tokenizer fits at most {room} in a prompt")
     return ids
 
 
