@@ -56,7 +56,7 @@ from utils.images import save_png
 from utils.pipelines import (ARGS, OUR_DEFAULTS, SAMPLING_DEFAULTS, MetadataShard, SemanticStableDiffusionPipeline,
                              StableDiffusionPipeline, StableDiffusionPipelineSafe, build_pipeline, call_defaults,
                              check_settings, default_image_dir, default_safety_concept, guidance_batches,
-                             initial_latents, known_files, load_parts, make_jobs, merge_metadata, metadata_row,
+                             initial_latents, known_files, load_embedding, load_parts, make_jobs, merge_metadata, metadata_row,
                              resolve_sampling)
 from utils.prompts import Prompt, fit_to_tokenizer, read_prompts
 from utils.saving import atomic_write_text
@@ -117,6 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer_path", default=None, help="a tokenizer folder replacing the base's (reference flag)")
     p.add_argument("--text_encoder_path", default=None,
                    help="a CLIP text encoder folder replacing the base's (reference flag)")
+    p.add_argument("--textual_inversion", default=None, help="a learned-embedding file (attack.py's "
+                   "learned_embeds.safetensors or any diffusers textual-inversion file) whose token the prompts may "
+                   "use; --pipeline_type sd")
     p.add_argument("--pipeline_type", choices=list(MODES), default="sd", help="pipeline (see MODES)")
     configs = sorted({c for m in MODES.values() for c in m.configs})
     p.add_argument("--pipeline_config", choices=configs, default=None, help="the mode's setting: " + "; ".join(
@@ -198,7 +201,8 @@ def _settings(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
         "edit_warmup_steps", "edit_threshold", "edit_momentum_scale", "edit_mom_beta", "seed", "guidance_scale",
         "guidance_source", "num_inference_steps", "height", "width")}
     settings.update({k: _abs(getattr(args, k)) for k in (
-        "pretrained_model_name_or_path", "unet_path", "tokenizer_path", "text_encoder_path", "prompt_path")})
+        "pretrained_model_name_or_path", "unet_path", "tokenizer_path", "text_encoder_path", "prompt_path",
+        "textual_inversion")})
     return {**settings, "dtype": str(dtype)}
 
 
@@ -211,6 +215,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     parts = load_parts(args.pretrained_model_name_or_path, args.unet_path, dtype, args.revision, args.variant,
                        args.tokenizer_path, args.text_encoder_path)
     pipe = build_pipeline(mode.pipeline, parts, device)
+    if args.textual_inversion:
+        print(f"loaded token(s) {' '.join(load_embedding(pipe, args.textual_inversion))} from {args.textual_inversion}")
     args.safety_concept, cut = fit_to_tokenizer(pipe.tokenizer, args.safety_concept)  # as the prompts, for every mode
     if cut and mode.uses_concept(args.pipeline_config) and state.is_main_process:
         print(f"--safety_concept is longer than {pipe.tokenizer.model_max_length} tokens: its first tokens are used")

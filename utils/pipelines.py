@@ -163,6 +163,24 @@ def build_pipeline(pipeline_class: type, parts: dict[str, Any], device: torch.de
     return pipe
 
 
+def load_embedding(pipe, path: str | os.PathLike) -> list[str]:
+    """Add a textual-inversion file's token(s) to `pipe` with diffusers' load_textual_inversion; returns them."""
+    if not hasattr(pipe, "load_textual_inversion"):
+        raise UserError(f"--textual_inversion needs a pipeline that loads embeddings (--pipeline_type sd), "
+                        f"not {type(pipe).__name__}")
+    if not Path(path).is_file():
+        raise UserError(f"--textual_inversion {path} is not a file")
+    before, verbosity = set(pipe.tokenizer.get_vocab()), transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its notice on how resized rows start: they are overwritten at once
+    try:
+        pipe.load_textual_inversion(str(path))
+    except Exception as e:  # diffusers and safetensors raise ValueError, OSError or their own types for bad files
+        raise UserError(f"could not load the textual-inversion embedding {path}: {str(e).splitlines()[0]}") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    return sorted(set(pipe.tokenizer.get_vocab()) - before)
+
+
 # ------------------------------------------------------------------------------------------------ images to make
 @dataclass
 class Job:

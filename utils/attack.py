@@ -1,0 +1,286 @@
+"""Concept inversion: textual inversion on an erased model, learning new token embeddings that draw the concept again.
+
+New tokens (a placeholder and, for N vectors, placeholder_1 ... placeholder_{N-1}, the names diffusers'
+load_textual_inversion gives a multi-vector embedding) are added to the tokenizer, initialised from the concept
+word's embedding and trained alone (every other weight frozen) with the denoising loss on the target images' VAE
+latents. The result is a diffusers textual-inversion file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from diffusers.optimization import get_scheduler
+from PIL import Image
+from safetensors.torch import save_file
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from utils.cli import Stopped, UserError
+from utils.eval.common import load_image_folder, load_rgb
+from utils.models import SDParts, cast
+from utils.saving import atomic_dir
+from utils.text import read_word_list
+from utils.checkpoints import StopOnSignal, list_checkpoints
+
+log = logging.getLogger("sdd")
+SLOT = "{}"  # where the concept (or the learned token) goes in a template
+EMBEDDING_FILE = "learned_embeds.safetensors"  # the name load_textual_inversion looks for in a folder
+DEFAULT_TEMPLATES = ("{}", "a photo of {}", "a picture of {}", "an image of {}", "a close-up photo of {}",
+                     "a rendering of {}")
+
+
+# ------------------------------------------------------------------------------------------------------------ text
+def fill(template: str, text: str) -> str:
+    """The template with every {} replaced by `text`."""
+    return template.replace(SLOT, text)
+
+
+def read_templates(values: Sequence[str] | None, what: str) -> list[str]:
+    """Templates from the command line or a .txt file; each must hold {} where the concept goes."""
+    templates = read_word_list(values, what)
+    bad = [t for t in templates if SLOT not in t]
+    if bad:
+        raise UserError(f"{what}: {bad[0]!r} has no {SLOT} marking where the concept goes")
+    return templates
+
+
+def default_placeholder(concept: str) -> str:
+    """`<concept>` in lower case with runs of other characters turned into '-' ("a red" -> "<a-red>")."""
+    return "<" + (re.sub(r"[^a-z0-9]+", "-", concept.lower()).strip("-") or "concept") + ">"
+
+
+def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
+    """The token names load_textual_inversion registers for an (N, D) embedding: p, p_1, ..., p_{N-1}."""
+    return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
+
+
+def concept_token_ids(tokenizer, concept: str, flag: str = "--concept") -> list[int]:
+    """The concept's token ids (no start/end tokens); UserError when it has none, unknown ones, or too many."""
+    ids = tokenizer(concept, add_special_tokens=False).input_ids
+    if not ids:
+        raise UserError(f"{flag} {concept!r} gives no tokens with this tokenizer; pass a word it can spell")
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids and tokenizer.unk_token not in concept:
+        raise UserError(f"{flag} {concept!r} holds characters this tokenizer does not know")
+    room = tokenizer.model_max_length - 2
+    if len(ids) > room:
+        raise UserError(f"{flag} {concept!r} is {len(ids)} tokens; the tokenizer fits at most {room} in a prompt")
+    return ids
+
+
+def add_placeholder_tokens(tokenizer, tokens: Sequence[str]) -> list[int]:
+    """Add the new tokens; UserError if one exists already or the tokenizer would split it."""
+    vocab = tokenizer.get_vocab()
+    clash = [t for t in tokens if t in vocab or len(tokenizer.tokenize(t)) == 1]  # a token, or a word it spells in one
+    if clash:
+        raise UserError(f"--placeholder_token {clash[0]!r} is already in the tokenizer's vocabulary (it would take "
+                        f"over that word); choose another, e.g. <my-concept>")
+    tokenizer.add_tokens(list(tokens))
+    a = tokenizer.tokenize("a")
+    split = [t for t in tokens if tokenizer.tokenize(f"a {t} a") != [*a, t, *a]]
+    if split:
+        raise UserError(f"--placeholder_token {split[0]!r} is not kept as one token by this tokenizer "
+                        f"(use lower case and no spaces, e.g. <my-concept>)")
+    return tokenizer.convert_tokens_to_ids(list(tokens))
+
+
+# --------------------------------------------------------------------------------------------------------- targets
+@dataclass
+class Targets:
+    """Target images as a (n, 3, H, W) tensor in [-1, 1] and each image's caption candidates."""
+
+    pixels: torch.Tensor
+    captions: list[list[str]]
+    folder: str
+
+
+def _square(image: Image.Image, size: int) -> torch.Tensor:
+    """Resize the shorter side to `size`, centre-crop, -> (3, size, size) in [-1, 1]."""
+    w, h = image.size
+    s = size / min(w, h)
+    image = image.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def load_targets(folder: str | os.PathLike, resolution: int, concept: str, slot_text: str,
+                 templates: Sequence[str]) -> Targets:
+    """Read a folder of target images; a prompt naming the concept (metadata.csv) is its caption, else the templates."""
+    images = load_image_folder(folder, "--target_dir")
+    pixels = torch.stack([_square(load_rgb(p), resolution) for p in images.paths])
+    word = re.compile(rf"(?<!\w){re.escape(concept)}(?!\w)", re.IGNORECASE)
+    prompts = images.prompts or [""] * len(images)
+    generic = [fill(t, slot_text) for t in templates]
+    captions = [[word.sub(slot_text, p)] if word.search(p) else generic for p in prompts]
+    return Targets(pixels, captions, str(images.root))
+
+
+@torch.no_grad()
+def encode_targets(vae, pixels: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                   batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's mean and std of every target image (unscaled), computed once."""
+    means, stds = [], []
+    for i in range(0, len(pixels), batch_size):
+        post = vae.encode(pixels[i:i + batch_size].to(device, dtype)).latent_dist
+        means.append(post.mean.float())
+        stds.append(post.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+# -------------------------------------------------------------------------------------------------------- training
+@dataclass
+class Inversion:
+    """The frozen model, the trained rows and what a step needs."""
+
+    parts: SDParts
+    learned: torch.nn.Parameter          # (N, D): the only trained tensor
+    frozen: torch.Tensor                 # the text encoder's (resized) embedding matrix
+    weight_name: str                     # its parameter name, for functional_call
+    new_ids: torch.Tensor
+    tokens: list[str]
+
+    def encode(self, captions: Sequence[str]) -> torch.Tensor:
+        """Text-encoder states of the captions with the learned rows in place of the new tokens' embeddings."""
+        tok = self.parts.tokenizer
+        ids = tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.frozen.device)
+        weight = self.frozen.index_put((self.new_ids,), self.learned)
+        return functional_call(self.parts.text_encoder, {self.weight_name: weight}, (ids,))[0]
+
+
+def prepare(parts: SDParts, concept_ids: Sequence[int], tokens: Sequence[str], new_ids: Sequence[int],
+            device: torch.device, dtype: torch.dtype) -> Inversion:
+    """Resize the embedding matrix, freeze everything, start the new rows at the mean of the concept's embeddings."""
+    te = parts.text_encoder
+    te.resize_token_embeddings(len(parts.tokenizer), mean_resizing=False)
+    emb = te.get_input_embeddings()
+    weight_name = next(n for n, m in te.named_modules() if m is emb) + ".weight"
+    te.requires_grad_(False).eval().to(device)  # fp32: the learned rows and their gradient stay exact
+    parts.unet = cast(parts.unet, device, dtype).requires_grad_(False).eval()
+    parts.vae = cast(parts.vae, device, dtype).requires_grad_(False).eval()
+    frozen = emb.weight.detach()
+    start = frozen[list(concept_ids)].mean(0, keepdim=True).repeat(len(tokens), 1)
+    return Inversion(parts, torch.nn.Parameter(start.clone()), frozen, weight_name,
+                     torch.tensor(list(new_ids), device=device), list(tokens))
+
+
+def denoising_loss(inv: Inversion, latents: torch.Tensor, captions: Sequence[str], generator: torch.Generator,
+                   autocast) -> torch.Tensor:
+    """MSE between the U-Net's prediction and its target (epsilon, v or sample, per the scheduler) at random t."""
+    sched = inv.parts.scheduler
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=generator).to(latents.device)
+    noisy = sched.add_noise(latents, noise, t)
+    kind = sched.config.prediction_type
+    target = {"epsilon": noise, "sample": latents}.get(kind)
+    if target is None:
+        if kind != "v_prediction":
+            raise UserError(f"the scheduler's prediction_type {kind!r} is not epsilon, v_prediction or sample")
+        target = sched.get_velocity(latents, noise, t)
+    unet = inv.parts.unet
+    cond = inv.encode(captions)
+    with autocast():
+        pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
+    return torch.nn.functional.mse_loss(pred.float(), target.float())
+
+
+def save_embedding(path: str | os.PathLike, placeholder: str, learned: torch.Tensor, metadata: dict[str, str]) -> None:
+    """{placeholder: (N, D) tensor} as safetensors, the layout pipe.load_textual_inversion(path) reads; atomic."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({placeholder: learned.detach().float().cpu().contiguous()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(out: Path, step: int, inv: Inversion, optimizer, lr_scheduler, scaler, generator,
+                     limit: int | None) -> Path:
+    final = out / f"checkpoint-{step}"
+    state = {"step": step, "learned": inv.learned.detach().cpu(), "tokens": inv.tokens,
+             "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()}}
+    with atomic_dir(final) as tmp:
+        torch.save(state, tmp / "state.pt")
+    if limit:
+        for old in list_checkpoints(out)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    log.info("saved %s", final)
+    return final
+
+
+def _load_checkpoint(path: Path, inv: Inversion, optimizer, lr_scheduler, scaler, generator) -> int:
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    if "learned" not in state or state["learned"].shape != inv.learned.shape or state["tokens"] != inv.tokens:
+        raise UserError(f"checkpoint {path} is not an attack checkpoint with {len(inv.tokens)} vector(s) "
+                        f"for {inv.tokens[0]}")
+    with torch.no_grad():
+        inv.learned.copy_(state["learned"])
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    generator.set_state(state["rng"]["generator"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return int(state["step"])
+
+
+def train_embedding(inv: Inversion, targets: Targets, args, out: Path, resume: Path | None) -> int:
+    """Train the new rows for args.num_train_steps (checkpoints, resume, Ctrl-C saves); return the step reached."""
+    device, dtype = inv.frozen.device, inv.parts.unet.dtype
+    mean, std = encode_targets(inv.parts.vae, targets.pixels, device, dtype)
+    vae_cfg = inv.parts.vae.config
+    shift, scale = getattr(vae_cfg, "shift_factor", None) or 0.0, vae_cfg.scaling_factor
+    optimizer = torch.optim.AdamW([inv.learned], lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  eps=args.adam_epsilon, weight_decay=args.weight_decay)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.num_train_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    generator = torch.Generator().manual_seed(args.seed)
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
+    step = 0
+    if resume is not None:
+        step = _load_checkpoint(resume, inv, optimizer, lr_scheduler, scaler, generator)
+        log.info("resumed from %s at step %d", resume, step)
+        print(f"resumed from {resume} at step {step}")
+    bar = tqdm(total=args.num_train_steps, initial=step, desc="attack", dynamic_ncols=True)
+    t0 = time.time()
+    with StopOnSignal() as stop:
+        while step < args.num_train_steps and not stop.raised:
+            idx = torch.randint(len(mean), (args.train_batch_size,), generator=generator)
+            z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator).to(device)
+            captions = [targets.captions[i][int(torch.randint(len(targets.captions[i]), (1,), generator=generator))]
+                        for i in idx.tolist()]
+            loss = denoising_loss(inv, (z - shift) * scale, captions, generator, autocast)
+            if not torch.isfinite(loss):
+                raise UserError(f"loss became {loss.item()} at step {step}; lower --learning_rate")
+            scaler.scale(loss).backward()
+            if args.max_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([inv.learned], args.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4g}")
+            log.info("step %d loss %.6g lr %.3g caption %r", step, loss.item(), lr_scheduler.get_last_lr()[0],
+                     captions[0])
+            if step % args.checkpointing_steps == 0 or (stop.raised and step < args.num_train_steps):
+                _save_checkpoint(out, step, inv, optimizer, lr_scheduler, scaler, generator,
+                                 args.checkpoints_total_limit)
+        bar.close()
+        log.info("trained to step %d in %.1f s", step, time.time() - t0)
+        if stop.raised and step < args.num_train_steps:  # exit 128 + signal, the hint as the last line
+            raise Stopped(f"stopped by {signal.Signals(stop.signum).name} at step {step} of {args.num_train_steps}; "
+                          f"checkpoint saved; to continue, rerun the same command with --resume_from_checkpoint latest "
+                          f"(--output_dir {out})", stop.signum)
+    return step
