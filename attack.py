@@ -36,7 +36,7 @@ from utils.attack import (DEFAULT_TEMPLATES, EMBEDDING_FILE, add_placeholder_tok
                           default_placeholder, fill, load_targets, placeholder_tokens, prepare, read_templates,
                           save_embedding, train_embedding)
 from utils.attack_score import METRICS, attack_grid, check_metric, concept_rate
-from utils.cli import DTYPES, HelpFormatter, UserError, resolve_device, run, setup_logging
+from utils.cli import DTYPES, ArgumentParser, HelpFormatter, UserError, resolve_device, run, setup_logging
 from utils.eval.common import load_image_folder
 from utils.models import load_sd_parts
 from utils.saving import atomic_write_text, load_unet_into
@@ -48,7 +48,7 @@ SUMMARY, LOG = "attack_summary.json", "attack.log"
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The attack's flags (names follow the trainers and diffusers' textual_inversion example)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", default="CompVis/stable-diffusion-v1-4",
                    help="base model: hub id or local diffusers pipeline folder")

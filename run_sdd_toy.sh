@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# The offline demo: erase "red" from the shipped toy model with SDD, then measure before/after with the toy judge.
-# CPU, a few minutes. Usage: bash run_sdd_toy.sh [OUTPUT_DIR] [extra train_sdd.py flags...]
+# The offline demo: erase the word "red" from the shipped toy model with SDD (c_s = "red", the paper's removal target),
+# then measure the result against the base model, seed for seed: how often red still shows on prompts that name it
+# (explicit), on held-out phrasings (paraphrase) and on objects that only imply it (implied: "an apple"), how much of
+# orange (red's neighbour) and of the other colours is preserved, shape accuracy and training time; and
+# OUTPUT_DIR/before_after.png. CPU, a few minutes.
+#   bash run_sdd_toy.sh [OUTPUT_DIR] [extra train_sdd.py flags...]
+#   bash run_sdd_toy.sh outputs/toy-sdd-rb --removing_concepts red blue      # two concepts at once
+# Settings: the paper's recipe scaled to the toy model (docs/toy_world.md; found with benchmarks/sweep_toy.py).
 set -euo pipefail
-# The concepts are the red captions, one per step (c_s = c_p): the toy model only ever saw "a {colour} {shape}", so
-# the bare word "red" does nothing at lr <= 1e-4 and collapses every colour at 3e-4. SDD's window on this tiny model is narrow: with these settings red is gone
-# at step 375 while the other colours hold; by step 400 yellow starts to go too (benchmarks/time_to_erase.py).
 HERE=$(cd "$(dirname "$0")" && pwd)
 export HF_HUB_OFFLINE=1 PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 OUTPUT_DIR=${1:-$HERE/outputs/toy-sdd}
 shift || true
 if [ -d "$OUTPUT_DIR/unet" ]; then
-  echo "$OUTPUT_DIR/unet exists: skipping training (delete it to retrain)"
+  echo "$OUTPUT_DIR/unet exists: skipping training (delete the folder to retrain)"
 else
   python "$HERE"/train_sdd.py \
     --pretrained_model_name_or_path "$HERE/assets/toy-sd" \
-    --removing_concepts "a red circle" "a red square" "a red triangle" \
-    --removal_target current \
-    --num_train_steps 375 \
+    --removing_concepts red \
+    --num_train_steps 300 \
     --train_batch_size 4 \
     --learning_rate 1e-4 \
     --ema_decay 0.99 \
@@ -24,7 +26,7 @@ else
     --guidance_scale 3.0 \
     --checkpointing_steps 100 \
     --resume_from_checkpoint latest \
-    --validation_prompts "a red circle" "a green square" "a blue triangle" \
+    --validation_prompts "a red circle" "an apple" "an orange square" "a blue triangle" \
     --validation_steps 100 \
     --num_validation_images 6 \
     --seed 0 \

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from utils.cli import HelpFormatter, run
+from utils.cli import ArgumentParser, HelpFormatter, run
 from utils.trainer import Batch, Setup, add_training_args, train
 from utils.views import call, snapshot
 
@@ -60,7 +60,7 @@ class ESD:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """ESD's flags: the shared ones (the reference's optimizer settings) plus eta."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_training_args(p, num_train_steps=1000, weight_decay=1e-4, max_grad_norm=1.0, output_dir="outputs/esd")
     g = p.add_argument_group("ESD")
     g.add_argument("--negative_guidance", "--concept_scale", type=float, default=3.0,

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from utils.cli import HelpFormatter, run
+from utils.cli import ArgumentParser, HelpFormatter, run
 from utils.concepts import REMOVAL_TARGETS, SAMPLING_CONCEPTS
 from utils.trainer import Batch, Setup, add_training_args, train
 from utils.views import call, ema_update, snapshot
@@ -66,7 +66,7 @@ def _choices(options: dict[str, str]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """SDD's flags: the shared ones plus the EMA, the sampling prompt and the removal target."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_training_args(p, num_train_steps=1500, weight_decay=1e-4, max_grad_norm=1.0, output_dir="outputs/sdd")
     g = p.add_argument_group("SDD")
     g.add_argument("--ema_decay", type=float, default=0.999, help="m: teacher <- m teacher + (1 - m) student")

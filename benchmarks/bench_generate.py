@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
 from generate import main as generate_main, parse_args as generate_args  # noqa: E402
-from utils.cli import HelpFormatter, UserError, run  # noqa: E402
+from utils.cli import ArgumentParser, HelpFormatter, UserError, run  # noqa: E402
 from utils.pipelines import build_pipeline, load_parts  # noqa: E402
 
 WORDS = ["a red circle", "a green square", "a blue triangle", "a yellow circle", "a red square", "a green triangle",
@@ -38,7 +38,7 @@ WORDS = ["a red circle", "a green square", "a blue triangle", "a yellow circle",
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags (see --help)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="tiny", help="tiny (built in code), toy (assets/toy-sd) or a pipeline folder")
     p.add_argument("--tiny_sample_size", type=int, default=8,
                    help="latent size of the tiny model (images are twice as large); larger = more compute per call")
@@ -68,10 +68,9 @@ def model_folder(name: str, scratch: Path, tiny_sample_size: int = 8) -> Path:
 
 def untrained_toy(folder: Path) -> Path:
     """utils.toy's pipeline architecture with fresh weights, saved to `folder`."""
-    from utils.tokenizer import write_clip_tokenizer
-    from utils.toy import MODEL_MAX_LENGTH, TOY_WORDS, build_models, make_scheduler
+    from utils.toy.train import build_models, make_scheduler, make_tokenizer
 
-    tokenizer = write_clip_tokenizer(folder / "tokenizer", TOY_WORDS, model_max_length=MODEL_MAX_LENGTH)
+    tokenizer = make_tokenizer(folder / "tokenizer")
     text_encoder, vae, unet = build_models(tokenizer)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,

@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from utils.cli import HelpFormatter, UserError, run  # noqa: E402
+from utils.cli import ArgumentParser, HelpFormatter, UserError, run  # noqa: E402
 
 MODELS = ("sd14", "toy", "tiny")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -337,7 +337,7 @@ def format_table(rows: list[dict], header: str) -> str:
 # ------------------------------------------------------------------------------------------------ command line
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Flags of the benchmark (and the hidden --worker entry point)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", choices=MODELS, default="sd14",
                    help="sd14: SD-1.4-shaped, random weights; toy: assets/toy-sd; tiny: a few-KB test pipeline")
     p.add_argument("--model_dir", default=None,

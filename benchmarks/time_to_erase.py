@@ -2,8 +2,9 @@
 
 Every run trains SDD on assets/toy-sd with the same hyperparameters and seed. Runs advance in turns of --check_every
 steps (reference, ours, ours with --trajectory_reuse R, ...), so that a busy machine slows them alike; after each
-turn the run's EMA teacher (SDD's result) is judged with utils.toy.measure: the run has erased the concept once the
-concept colour's rate is <= --max_concept_rate and every other colour's rate is >= --min_other_rate. Only training
+turn the run's EMA teacher (SDD's result) is judged with utils.toy.measure.erasure against the base model, same
+seeds: the run has erased the concept once the concept's rate on its explicit prompts is <= --max_concept_rate and
+every other colour keeps >= --min_other_rate of its images (same colour, shape and place). Only training
 steps are timed: loading, checkpoints, resumes and checks are not (ours is resumed from its checkpoint every turn,
 so the real trainer, train_sdd.main, runs unchanged). The quality at the stop is then measured again on fresh seeds.
 
@@ -33,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from utils.cli import HelpFormatter, UserError, run  # noqa: E402
+from utils.cli import ArgumentParser, HelpFormatter, UserError, run  # noqa: E402
 
 TOY_DIR = ROOT / "assets" / "toy-sd"
 RUN_RE = re.compile(r"^(reference|ours)(?:-m(\d+))?(?:-r(\d+))?(?:-b(\d+))?$")
@@ -143,8 +144,8 @@ def make_contestant(spec: RunSpec, args: argparse.Namespace, out_root: Path) -> 
         raise UserError(f"{out} is not empty: pick another --output_dir")
     from utils import toy
     if args.removal == "captions":  # c_p = c_s = one caption of the colour per step
-        removal = ["--removing_concepts", *[toy.caption(args.concept, s) for s in toy.SHAPES], "--removal_target",
-                   "current"]
+        removal = ["--removing_concepts", *[toy.language.fill(toy.TEMPLATES[0], args.concept, s) for s in toy.SHAPES],
+                   "--removal_target", "current"]
     else:
         removal = ["--removing_concepts", args.concept]
     argv = ["--pretrained_model_name_or_path", str(args.model), *removal,
@@ -169,20 +170,29 @@ def make_contestant(spec: RunSpec, args: argparse.Namespace, out_root: Path) -> 
 
 # ------------------------------------------------------------------------------------------------ judging
 class Judge:
-    """Colour rates and shape accuracy of a U-Net state in the base pipeline (utils.toy.measure)."""
+    """Erasure numbers of a U-Net state against the base model, same seeds (utils.toy.measure.erasure): the concept's
+    explicit-prompt rate, and for every other colour the share of its images preserved."""
 
-    def __init__(self, model: Path, colours: list[str]) -> None:
-        from utils import toy
-        self.toy, self.colours = toy, colours
-        self.pipe = toy.load_pipeline(model)
+    def __init__(self, model: Path, concept: str) -> None:
+        from utils.toy import measure
+        self.M, self.concept = measure, concept
+        self.pipe = measure.load_pipeline(model)
         self.base = {k: v.clone() for k, v in self.pipe.unet.state_dict().items()}
+        self.before: dict = {}  # (n, seed) -> the base model's images
 
     def __call__(self, state: dict | None, n: int, seed: int, colours: list[str] | None = None) -> dict:
-        """measure() with `state` (None: the base model) loaded over the base U-Net."""
+        """colour_rate: the concept's explicit rate, the other colours' preservation; shape accuracy."""
+        items = self.M.erasure_items([self.concept], n, seed)
+        if colours == [self.concept]:  # the cheap check: only the concept's explicit prompts
+            items = [it for it in items if it.group == "explicit"]
+        key = (n, seed, len(items))
+        if key not in self.before:
+            self.pipe.unet.load_state_dict(self.base)
+            self.before[key] = self.M.draw(self.pipe, items)
         self.pipe.unet.load_state_dict({**self.base, **(state or {})})
-        res = self.toy.measure(self.pipe, n_per_prompt=n, seed=seed, colours=colours or self.colours)
-        return dict(colour_rate=res["colour_rate"], shape_acc=res["shape_acc"],
-                    shape_acc_by_colour=res["shape_acc_by_colour"])
+        res = self.M.erasure(items, self.before[key], self.M.draw(self.pipe, items), [self.concept])
+        rates = {self.concept: res["after"]["explicit"][self.concept], **res["preserved"]}
+        return dict(colour_rate=rates, shape_acc=res["shape_acc_after"], erasure=res)
 
 
 def erased(res: dict, concept: str, max_rate: float, min_other: float) -> bool:
@@ -222,8 +232,9 @@ def format_table(rows: list[dict], base: dict, header: str, concept: str) -> str
                      + " | ".join(f"{100 * q['colour_rate'][c]:.1f}" for c in colours)
                      + f" | {100 * q['shape_acc']:.1f} |")
     lines.append("")
-    lines.append(f"Colour % = share of images asked for that colour that the judge sees in it ({concept}: lower is "
-                 f"better; others: preservation); shape % over all prompts.")
+    lines.append(f"{concept} % = share of its explicit-prompt images the judge sees in {concept} (lower is better); other "
+                 f"colours % = share of their images preserved (same colour, shape and place as the base model's, same "
+                 f"seed); shape % over all prompts.")
     return "\n".join(lines)
 
 
@@ -231,16 +242,16 @@ def format_table(rows: list[dict], base: dict, header: str, concept: str) -> str
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Flags of the time-to-erase benchmark."""
     from utils.toy import COLOURS
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default=str(TOY_DIR), help="toy pipeline folder (utils.toy train)")
     p.add_argument("--runs", nargs="+", type=run_spec, metavar="RUN",
                    default=[run_spec(s) for s in ("reference", "ours", "ours-r5", "ours-r10")],
                    help="contestants: reference, ours, ours[-mM][-rR][-bB] (--trajectory_samples M, --trajectory_reuse "
                         "R, --train_batch_size B)")
     p.add_argument("--concept", choices=list(COLOURS), default="red", help="colour to erase")
-    p.add_argument("--removal", choices=("captions", "word"), default="captions",
-                   help="what SDD removes: the colour's captions ('a red circle', ... one per step, c_s = c_p), or the "
-                        "bare word (c_s = 'red': on the toy model this wipes out every colour, see docs/performance.md)")
+    p.add_argument("--removal", choices=("captions", "word"), default="word",
+                   help="what SDD removes: the bare word (c_s = 'red'), or the colour's captions ('a red circle', ... one per "
+                        "step, c_s = c_p)")
     p.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (both layouts)")
     p.add_argument("--ema_decay", type=float, default=0.99, help="SDD's EMA decay m (both layouts)")
     p.add_argument("--num_ddim_steps", type=int, default=20, help="N: DDIM steps of the teacher's trajectory")
@@ -251,8 +262,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check_every", type=int, default=25, help="steps per turn; the teacher is judged after each")
     p.add_argument("--n_per_prompt", type=int, default=8, help="images per prompt in a check (12 prompts)")
     p.add_argument("--final_n_per_prompt", type=int, default=20, help="images per prompt for the quality at the stop")
-    p.add_argument("--max_concept_rate", type=float, default=0.25, help="erased: the concept's colour rate <= this")
-    p.add_argument("--min_other_rate", type=float, default=0.95, help="... and every other colour's rate >= this")
+    p.add_argument("--max_concept_rate", type=float, default=0.10, help="erased: the concept's explicit rate <= this")
+    p.add_argument("--min_other_rate", type=float, default=0.90, help="... and every other colour keeps >= this")
     p.add_argument("--seed", type=int, default=0, help="training seed (both layouts) and the checks' sample seed")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--output_dir", default=None, help="where our runs write (default: a temp dir, removed)")
@@ -281,7 +292,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     colours = list(COLOURS)
     if args.concept not in colours:
         raise UserError(f"--concept {args.concept} is not a toy colour")
-    judge = Judge(model, colours)
+    judge = Judge(model, args.concept)
     t0 = time.time()
     base = judge(None, args.final_n_per_prompt, args.seed + 1)
     print(f"base model: {json.dumps({c: round(r, 3) for c, r in base['colour_rate'].items()})}, "

@@ -17,7 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
-from utils.cli import HelpFormatter, UserError, run
+import torch
+
+from utils.cli import ArgumentParser, HelpFormatter, UserError, add_threads_arg, apply_threads, run
 from utils.saving import atomic_write_text
 from utils.toy import measure as M
 from utils.toy.grids import before_after_grid, quality_grid
@@ -74,6 +76,22 @@ def training_seconds(unet_path: str | Path) -> float | None:
     return float(found[-1]) if found else None
 
 
+def erased_colours(unet_path: str | Path) -> list[str]:
+    """The colours an erasure removed, from the concepts in its erasure file (a U-Net folder's OUT/erasure.safetensors)."""
+    from utils.saving import read_erasure
+    from utils.toy.language import parse_prompt
+
+    path = Path(unet_path)
+    file = path if path.is_file() else (path.parent if path.name == "unet" else path) / "erasure.safetensors"
+    if not file.is_file():
+        raise UserError(f"no erasure file beside {unet_path} to read the erased concepts from: pass --concepts")
+    concepts = json.loads(read_erasure(file)[1].get("concepts", "[]"))
+    colours = list(dict.fromkeys(c for c in (parse_prompt(x)[0] for x in concepts) if c))
+    if not colours:
+        raise UserError(f"the concepts of {file} ({concepts}) name no toy colour: pass --concepts")
+    return colours
+
+
 def main_judge(args: argparse.Namespace) -> None:
     """`judge`: the judge's accuracy on freshly rendered images of every colour and shape."""
     images, labels = make_dataset(args.n, args.seed)
@@ -117,6 +135,7 @@ def main_compare(args: argparse.Namespace) -> dict:
     out = Path(args.output)
     if out.suffix.lower() != ".png":
         raise UserError(f"--output {out} must be a .png file (the JSON goes beside it)")
+    args.concepts = args.concepts or erased_colours(args.unet)
     items = M.erasure_items(args.concepts, args.n_per_prompt, args.seed)
     pipe = M.load_pipeline(args.base, None, args.device)
     erased = M.load_pipeline(args.base, args.unet, args.device)  # checked before the long part
@@ -151,11 +170,12 @@ def _add_sampling_flags(p: argparse.ArgumentParser, n: int) -> None:
     p.add_argument("--batch_size", type=int, default=64, help="images per pipeline call")
     p.add_argument("--show", type=int, default=6, help="images per prompt shown in the PNG grid")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    add_threads_arg(p)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse `python -m utils.toy {train,judge,quality,compare,prompts} ...`."""
-    parser = argparse.ArgumentParser(prog="python -m utils.toy", description=__doc__, formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog="python -m utils.toy", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="render the data and train the toy pipeline (CPU, seeded)", formatter_class=HelpFormatter)
@@ -172,7 +192,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint_every", type=int, default=250, help="steps between checkpoints (resumed automatically)")
     p.add_argument("--keep_checkpoints", action="store_true", help="keep OUTPUT_DIR/checkpoints after success")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=lambda a: train(a))
+    add_threads_arg(p)
+    p.set_defaults(func=train)
 
     p = sub.add_parser("judge", help="accuracy of the judge on freshly rendered images", formatter_class=HelpFormatter)
     p.add_argument("--n", type=int, default=2400, help="rendered images")
@@ -192,7 +213,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = sub.add_parser("compare", help="base model vs an erased U-Net: table, PNG grid and JSON", formatter_class=HelpFormatter)
     p.add_argument("--base", default="assets/toy-sd", help="base pipeline folder")
     p.add_argument("--unet", required=True, help="erased U-Net folder (OUT/unet) or erasure file")
-    p.add_argument("--concepts", nargs="+", default=["red"], help=f"erased colours ({', '.join(COLOURS)})")
+    p.add_argument("--concepts", nargs="+", default=None,
+                   help=f"erased colours ({', '.join(COLOURS)}); None: read from the erasure file's concepts")
     p.add_argument("--output", required=True, help="PNG grid, before on the left, after on the right; JSON beside it")
     _add_sampling_flags(p, 8)
     p.set_defaults(func=main_compare)
@@ -214,6 +236,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace):
     """Run the chosen subcommand."""
+    if hasattr(args, "threads"):
+        apply_threads(args.threads, torch.device("cpu") if getattr(args, "device", "cpu") == "cpu" else
+                      torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     return args.func(args)
 
 

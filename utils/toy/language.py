@@ -65,7 +65,7 @@ OBJECTS: dict[str, tuple[str, str]] = {
 }
 OBJECT_TEMPLATES: tuple[str, ...] = ("{article} {object}", "a picture of {article} {object}", "{object}")
 # how a training caption is chosen for an image (the rest: a colour template); empty = caption dropout
-CAPTION_MIX = {"empty": 0.12, "bare_colour": 0.10, "shape_only": 0.08, "object": 0.35}
+CAPTION_MIX = {"empty": 0.25, "bare_colour": 0.10, "shape_only": 0.08, "object": 0.35}
 
 
 def article(word: str) -> str:
