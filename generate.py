@@ -13,7 +13,8 @@ Modes (MODES below): --pipeline_type picks the pipeline class, --pipeline_config
 To add a mode, add one MODES entry: Mode(PipelineClass, {"config": lambda a: {extra __call__ kwargs}}); the first
 config is the default, `a` is the parsed args, and `attrs` sets attributes on the built pipeline. Any pipeline whose
 constructor takes the SD parts and whose __call__ takes prompt, latents and guidance_scale fits. --unet_path (a
-diffusers U-Net folder or an erasure .safetensors file) is applied to the base U-Net before any mode is built.
+diffusers U-Net folder or an erasure .safetensors file) is applied to the base U-Net before any mode is built,
+then the LoRAs of --lora_path (docs/lora.md).
 
 Reproducibility: image j of prompt i starts from the (j+1)-th latent of shape (1, C, H/f, W/f) drawn from
 torch.Generator("cpu").manual_seed(seed), seed = the file's seed, else --seed + i (i = the prompt's index in the
@@ -25,8 +26,8 @@ Prompts longer than the tokenizer's limit are cut to its first tokens, as diffus
 Output in --image_dir: {case_number or index:05d}_{j}.png (written under a temp name, then renamed), args.json,
 generate.log, and the metadata: each job or process appends a row per image to its own
 metadata-{first:05d}-{end:05d}.csv, and every run ends by merging all of them into metadata.csv (file, prompt,
-seed, guidance, mode, config, unet, then the prompt file's other columns), so shards sharing a folder never clobber
-each other. Existing images are skipped (--overwrite redoes them); a folder made with other settings is refused.
+seed, guidance, mode, config, unet, lora, then the prompt file's other columns), so shards sharing a folder never
+clobber each other. Existing images are skipped (--overwrite redoes them); a folder made with other settings is refused.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ from tqdm.auto import tqdm
 
 from utils.cli import HelpFormatter, UserError, resolve_device, resolve_dtype, run, setup_logging
 from utils.images import save_png
+from utils.lora import check_lora_args
 from utils.pipelines import (ARGS, MetadataShard, build_pipeline, call_defaults, check_settings, default_safety_concept,
                              guidance_batches, initial_latents, known_files, load_parts, make_jobs, merge_metadata,
                              metadata_row)
@@ -93,6 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant", default=None, help="weight variant of the base pipeline, e.g. fp16")
     p.add_argument("--unet_path", default=None, help="erased U-Net: a diffusers U-Net folder (train_*.py's "
                    "OUTPUT_DIR/unet) or an erasure .safetensors file applied onto the base U-Net; any mode")
+    p.add_argument("--lora_path", nargs="+", default=None, help="LoRA .safetensors files loaded onto the U-Net "
+                   "(after --unet_path) and used together, e.g. two exported erasures (python -m utils.lora); any mode")
+    p.add_argument("--lora_scale", nargs="+", type=float, default=None,
+                   help="strength of each --lora_path: one value for all or one per file; None = 1")
     p.add_argument("--pipeline_type", choices=list(MODES), default="sd", help="pipeline (see MODES)")
     configs = sorted({c for m in MODES.values() for c in m.configs})
     p.add_argument("--pipeline_config", choices=configs, default=None, help="the mode's setting: " + "; ".join(
@@ -148,10 +154,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if image_dir.exists() and not image_dir.is_dir():
         raise UserError(f"--image_dir {image_dir} exists and is not a folder")
 
+    loras = check_lora_args(args.lora_path, args.lora_scale)
     state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
     device = state.device if args.device in (None, "", "auto") else resolve_device(args.device)
     dtype = resolve_dtype(args.mixed_precision, device)
-    parts = load_parts(args.pretrained_model_name_or_path, args.unet_path, dtype, args.revision, args.variant)
+    parts = load_parts(args.pretrained_model_name_or_path, args.unet_path, dtype, args.revision, args.variant, loras)
     pipe = build_pipeline(mode.pipeline, parts, device)
     args.safety_concept, cut = fit_to_tokenizer(pipe.tokenizer, args.safety_concept)  # as the prompts, for every mode
     if cut:
@@ -169,6 +176,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "num_inference_steps", "height", "width")}
     settings.update(pretrained_model_name_or_path=_abs(args.pretrained_model_name_or_path),
                     unet_path=_abs(args.unet_path), prompt_path=_abs(args.prompt_path), dtype=str(dtype))
+    settings.update(lora_path=[_abs(p) for p, _ in loras] or None, lora_scale=[s for _, s in loras] or None)
     check_settings(image_dir, settings, args.overwrite)
 
     # everything is checked: from here on we write
@@ -179,7 +187,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         record = {**vars(args), **settings, "num_prompts": len(prompts)}
         atomic_write_text(image_dir / ARGS, json.dumps(record, indent=2))
     log = setup_logging(image_dir, "generate.log")
-    meta = {"mode": args.pipeline_type, "config": args.pipeline_config, "unet": args.unet_path or "base"}
+    meta = {"mode": args.pipeline_type, "config": args.pipeline_config, "unet": args.unet_path or "base",
+            "lora": "; ".join(f"{p} ({s:g})" for p, s in loras) or "none"}
     who = f"[process {state.process_index}/{state.num_processes}] " if state.num_processes > 1 else ""
     summary = generate(pipe, mine, image_dir, args, mode.configs[args.pipeline_config](args), meta,
                        show_progress=state.is_main_process, prefix=who)

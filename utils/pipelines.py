@@ -18,13 +18,14 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from utils.cli import UserError
+from utils.lora import apply_loras
 from utils.models import check_model_source, from_pretrained
 from utils.prompts import Prompt
 from utils.saving import atomic_write_text, load_unet_into
 
 METADATA = "metadata.csv"
 ARGS = "args.json"
-BASE_COLUMNS = ["file", "prompt", "seed", "guidance", "mode", "config", "unet"]
+BASE_COLUMNS = ["file", "prompt", "seed", "guidance", "mode", "config", "unet", "lora"]
 
 
 @contextmanager
@@ -59,14 +60,16 @@ def call_defaults(pipeline_class: type) -> dict[str, Any]:
 
 
 def load_parts(name: str, unet_path: str | None, dtype: torch.dtype, revision: str | None = None,
-               variant: str | None = None) -> dict[str, Any]:
-    """The checkpoint's components (its own scheduler; no safety checker) with --unet_path's weights applied."""
+               variant: str | None = None, loras: Sequence[tuple[str, float]] = ()) -> dict[str, Any]:
+    """The checkpoint's components (its own scheduler; no safety checker), --unet_path's weights and LoRAs applied."""
     check_model_source(name)
     with quiet_diffusers():
         base = from_pretrained(StableDiffusionPipeline, name, torch_dtype=dtype, revision=revision, variant=variant,
                                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if unet_path:
         load_unet_into(base.unet, unet_path)
+    with quiet_diffusers():  # diffusers notes that the LoRAs hold nothing for the text encoder
+        apply_loras(base, loras)
     return base.components
 
 

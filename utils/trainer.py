@@ -26,6 +26,7 @@ from utils.cli import DTYPES, UserError, resolve_device, setup_logging
 from utils.concepts import CONCEPT_METHODS, concept_schedule, joined
 from utils.convtune import autotune_convolutions, choices
 from utils.images import image_grid, save_png, to_pil
+from utils.lora import describe_export, export_lora, rank_arg
 from utils.models import SDParts, cast, from_pretrained, load_sd_parts
 from utils.params import FINETUNING_METHODS, describe, trainable_parameters
 from utils.sampling import TrajectoryQueue, ddim_sample, decode_latents, jitter_timestep
@@ -90,6 +91,8 @@ def add_training_args(p: argparse.ArgumentParser, *, num_train_steps: int, weigh
     g = p.add_argument_group("outputs")
     g.add_argument("--output_dir", default=output_dir, help="where unet/, erasure.safetensors, logs and checkpoints go")
     g.add_argument("--overwrite_output_dir", action="store_true", help="allow writing into a folder with a finished run")
+    g.add_argument("--export_lora_rank", type=rank_arg, default=None, help="at the end, also write OUTPUT_DIR/"
+                   "erasure-lora-r{R}.safetensors: the erasure as a rank-R LoRA (or 'full'; docs/lora.md)")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="save a resumable checkpoint every N steps")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest' in output_dir")
@@ -409,6 +412,10 @@ def train(args: argparse.Namespace, make_method: Callable[[Setup], Method]) -> P
     del optimizer, lr_scheduler
     save_result(unet, method.result, args, concepts, dtype, out)
     print(f"saved {out / 'unet'} and {out / 'erasure.safetensors'}")
+    if args.export_lora_rank is not None:
+        lora = export_lora(out / "erasure.safetensors", rank=args.export_lora_rank, revision=args.revision,
+                           variant=args.variant, device=device, overwrite=True)
+        print(describe_export(lora, out / "erasure.safetensors"))
     return out
 
 
