@@ -71,9 +71,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=64, help="images per pipeline call")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--sd_sizes", action="store_true", help="only print the LoRA file sizes for Stable Diffusion 1.x's "
+                   "U-Net shapes (built on the meta device, no weights) at --ranks, per fine-tuning method")
     args = p.parse_args(argv)
-    if not args.erasures and not args.combine:
-        p.error("give --erasures LABEL=FILE ... and/or --combine FILE FILE ...")
+    if not args.erasures and not args.combine and not args.sd_sizes:
+        p.error("give --erasures LABEL=FILE ... and/or --combine FILE FILE ..., or --sd_sizes")
     return args
 
 
@@ -134,8 +136,36 @@ def format_rows(rows: list[dict], header: bool = True) -> str:
     return "\n".join(lines)
 
 
+def sd_sizes(ranks: Sequence[int | str], methods: Sequence[str] = ("xattn", "noxattn")) -> str:
+    """Markdown table: erasure file vs fp16 LoRA size for SD 1.x's U-Net (diffusers' defaults, 768-wide text)."""
+    from diffusers import UNet2DConditionModel
+
+    from utils.params import FINETUNING_METHODS
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cross_attention_dim=768)
+    modules = dict(unet.named_modules())
+    lines = ["| finetuning_method | layers | erasure file (fp32) | " + " | ".join(f"LoRA r={r}" for r in ranks) + " |",
+             "|" + "---|" * (3 + len(ranks))]
+    for method in methods:
+        params = {n: p for n, p in unet.named_parameters() if FINETUNING_METHODS[method](n)}
+        layers = [modules[n[:-len(".weight")]].weight for n in params if n.endswith(".weight")
+                  and isinstance(modules[n[:-len(".weight")]], (torch.nn.Linear, torch.nn.Conv2d))]
+        sizes = []
+        for r in ranks:  # per layer: down (k x in) + up (out x k) + alpha, in fp16; k = r capped by the layer
+            caps = [min(len(w), w[0].numel()) for w in layers]
+            n = sum((c if r == "full" else min(int(r), c)) * (len(w) + w[0].numel()) + 1 for w, c in zip(layers, caps))
+            sizes.append(f"{2 * n / 2 ** 20:.2f} MiB")
+        full = sum(p.numel() for p in params.values()) * 4 / 2 ** 20
+        lines.append(f"| {method} | {len(layers)} | {full:.1f} MiB | " + " | ".join(sizes) + " |")
+    return "\n".join(lines)
+
+
 def main(args: argparse.Namespace) -> list[dict]:
     """Measure every row, print the table, write table.md and results.json."""
+    if args.sd_sizes:
+        print(sd_sizes(args.ranks))
+        return []
     for _, path in args.erasures:
         if not path.is_file():
             raise UserError(f"erasure file {path} does not exist")

@@ -90,7 +90,7 @@ def test_reference_output(reference):
                                                     "metadata-00000-00004.csv"}
     assert not list(reference.glob(".*.tmp*"))
     meta = metadata(reference)
-    assert list(meta.columns) == ["file", "prompt", "seed", "guidance", "mode", "config", "unet", "tag"]
+    assert list(meta.columns) == ["file", "prompt", "seed", "guidance", "mode", "config", "unet", "lora", "tag"]
     assert list(meta["file"]) == pngs(reference)
     assert list(meta["seed"]) == ["11", "11", "1", "1", "2", "2", "42", "42"]  # file seed, else --seed 0 + index
     assert list(meta["guidance"]) == ["7.5", "7.5", "5.0", "5.0", "7.5", "7.5", "5.0", "5.0"]
@@ -208,8 +208,8 @@ def test_i2p_shaped_csv(tiny_pipeline, tmp_path, capsys):
         assert summary["written"] == 4 and summary["truncated"] >= 1
         assert pngs(out) == ["00003_0.png", "00004_0.png", "00017_0.png", "00250_0.png"]
         meta = metadata(out)
-        assert list(meta.columns) == ["file", "prompt", "seed", "guidance", "mode", "config", "unet", "categories",
-                                      "hard", "nudity_percentage", "case_number"]
+        assert list(meta.columns) == ["file", "prompt", "seed", "guidance", "mode", "config", "unet", "lora",
+                                      "categories", "hard", "nudity_percentage", "case_number"]
         assert meta.set_index("file").loc["00017_0.png", "prompt"] == long
         assert meta.set_index("file").loc["00003_0.png", "prompt"] == "digging my own grave 🪦, science fiction"
         assert list(meta["seed"]) == ["4080709695", "12", "4261553411", "2"]
