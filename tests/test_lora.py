@@ -156,6 +156,14 @@ def test_cli_prints_energy_and_size(tiny_pipeline, tmp_path, capsys):
     assert "Linear.bias" in out  # what is left out, named
 
 
+def test_a_base_of_the_same_shapes_but_other_weights_is_flagged(tiny_pipeline, tiny_vpred_pipeline, tmp_path, capsys):
+    erasure = make_erasure(tiny_pipeline, tmp_path / "erasure.safetensors")
+    export_lora(erasure, rank=1)
+    assert "warning" not in capsys.readouterr().out
+    export_lora(erasure, rank=1, base=str(tiny_vpred_pipeline), overwrite=True)  # another seed: other weights
+    assert "the model it was trained from?" in capsys.readouterr().out
+
+
 def test_two_loras_in_generate_equal_both_erasures_and_are_recorded(tiny_pipeline, tmp_path):
     a = make_erasure(tiny_pipeline, tmp_path / "a" / "erasure.safetensors", seed=1)
     b = make_erasure(tiny_pipeline, tmp_path / "b" / "erasure.safetensors", seed=2)

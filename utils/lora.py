@@ -168,20 +168,26 @@ def export_lora(erasure: str | os.PathLike, output: str | os.PathLike | None = N
                    left_out_energy=sum(energy_of[n] for n in left_out) / total,
                    retained_total=sum(kept[m] * layer_total[m] for m in pairs) / total)
     info = {"format": LORA_FORMAT, "source": Path(erasure).name, "rank": str(rank or ""),
-            "energy": "" if energy is None else str(energy), "alpha": str(alpha), "save_precision": save_precision,
-            "ranks": json.dumps(ranks), "retained_energy": json.dumps({m: round(v, 6) for m, v in kept.items()}),
-            "retained_energy_total": f"{summary['retained_total']:.6f}", "left_out": json.dumps(list(left_out)),
-            "left_out_energy": f"{summary['left_out_energy']:.6f}"}
-    copied = ("base_model", "method", "finetuning_method", "concepts", "num_train_steps")
-    info.update({k: meta[k] for k in copied if k in meta})
+            "energy": "" if energy is None else str(energy), "save_precision": save_precision}
     dtype = SAVE_PRECISIONS[save_precision]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(tmp), metadata=info)
+    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata=lora_metadata(summary, meta, info))
     os.replace(tmp, out)
     summary["size_bytes"] = out.stat().st_size
     log.info("LoRA %s: %s", out, json.dumps({k: v for k, v in summary.items() if k != "retained"}))
     return summary
+
+
+def lora_metadata(summary: dict, erasure_meta: dict[str, str], info: dict[str, str]) -> dict[str, str]:
+    """The LoRA file's metadata: `info`, the erasure's base model/method/concepts, ranks and retained energy."""
+    copied = ("base_model", "method", "finetuning_method", "concepts", "num_train_steps")
+    return {**info, **{k: erasure_meta[k] for k in copied if k in erasure_meta},
+            "alpha": str(summary["alpha"]), "ranks": json.dumps(summary["ranks"]),
+            "retained_energy": json.dumps({m: round(v, 6) for m, v in summary["retained"].items()}),
+            "retained_energy_total": f"{summary['retained_total']:.6f}", "left_out": json.dumps(summary["left_out"]),
+            "left_out_energy": f"{summary['left_out_energy']:.6f}"}
 
 
 def describe_export(summary: dict, erasure: str | os.PathLike) -> str:
