@@ -58,8 +58,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=str(ROOT / "assets" / "toy-sd"), help="the base toy pipeline")
     p.add_argument("--erasures", nargs="+", type=labelled, default=[], help="LABEL=erasure.safetensors to measure")
     p.add_argument("--ranks", nargs="+", type=rank_arg, default=[1, 2, 4, 8, "full"], help="LoRA ranks per erasure")
-    p.add_argument("--combine", nargs="+", type=Path, default=None, help="erasure files whose LoRAs load together")
-    p.add_argument("--combine_label", default=None, help="model name of the combined rows (default: the folders)")
+    p.add_argument("--combine", nargs="+", type=Path, action="append", default=[],
+                   help="erasure files whose LoRAs load together (repeat the flag for several groups)")
     p.add_argument("--combine_ranks", nargs="+", type=rank_arg, default=[4, "full"], help="ranks of the combined LoRAs")
     p.add_argument("--save_precision", choices=["fp32", "fp16", "bf16"], default="fp16", help="dtype of the LoRAs")
     p.add_argument("--output_dir", default=str(ROOT / "outputs" / "lora_rank"),
@@ -169,7 +169,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     for _, path in args.erasures:
         if not path.is_file():
             raise UserError(f"erasure file {path} does not exist")
-    for path in args.combine or []:
+    for path in (p for files in args.combine for p in files):
         if not path.is_file():
             raise UserError(f"--combine file {path} does not exist")
     if args.threads:
@@ -186,9 +186,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     rows = [row("base", "base model", judge(load_pipeline(args.model, device=args.device)))]
     print(format_rows(rows), flush=True)
     groups = [(label, [path], args.ranks) for label, path in args.erasures]
-    if args.combine:
-        label = args.combine_label or "+".join(p.parent.name or p.stem for p in args.combine)
-        groups.append((label, args.combine, args.combine_ranks))
+    for files in args.combine:
+        groups.append(("+".join(p.parent.name or p.stem for p in files), files, args.combine_ranks))
     for name, erasures, ranks in groups:
         rows += measure_loras(args, name, erasures, ranks, out, judge)
     table = format_rows(rows)
