@@ -1,7 +1,8 @@
 """Toy-world check of erasure LoRAs: every colour's rate with the full erased U-Net and with its LoRA at several
 ranks (loaded with diffusers' load_lora_weights into the base pipeline), on the same seeds; and LoRAs loaded together.
 
-Rows: the base model; per --erasures LABEL=FILE the full erasure (the file applied onto the base U-Net, as OUT/unet)
+Rows: the base model; per --erasures LABEL=FILE the full erasure (the file applied onto the base U-Net, as OUT/unet),
+the same with only the tensors a LoRA can hold (biases and norms left at the base's: the limit of a LoRA's rank),
 and its LoRA at each --ranks; with --combine, the erasures' deltas summed and their LoRAs loaded together at each
 --combine_ranks. Columns: rank (per-layer range), delta energy the LoRA keeps (left-out biases count as lost), file
 size, each colour's rate as utils.toy.measure judges it, shape accuracy, and the largest change of a colour's rate
@@ -30,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from utils.cli import HelpFormatter, UserError, run  # noqa: E402
-from utils.lora import apply_loras, erasure_deltas, export_lora, rank_arg  # noqa: E402
+from utils.lora import apply_loras, erasure_deltas, export_lora, lora_layers, rank_arg  # noqa: E402
 from utils.pipelines import quiet_diffusers  # noqa: E402
 from utils.saving import atomic_write_text  # noqa: E402
 from utils.toy import load_pipeline as toy_pipeline, measure  # noqa: E402
@@ -79,13 +80,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def add_deltas(unet: torch.nn.Module, erasures: Sequence[Path], model: str) -> None:
-    """Add each erasure's delta (erased - base) onto `unet` in place."""
+def add_deltas(unet: torch.nn.Module, erasures: Sequence[Path], model: str, lora_only: bool = False) -> None:
+    """Add each erasure's delta (erased - base) onto `unet` in place; with lora_only, only what a LoRA can hold."""
     params = dict(unet.named_parameters())
     with torch.no_grad():
         for path in erasures:
-            for name, delta in erasure_deltas(path, model)[0].items():
-                params[name] += delta.to(params[name].device, params[name].dtype)
+            deltas, base_unet, _ = erasure_deltas(path, model)
+            left_out = lora_layers(deltas, base_unet)[1] if lora_only else {}
+            for name, delta in deltas.items():
+                if name not in left_out:
+                    params[name] += delta.to(params[name].device, params[name].dtype)
 
 
 def row(name: str, weights: str, res: dict, rank: str = "", kept: float | None = None, size: int | None = None) -> dict:
@@ -105,6 +109,9 @@ def measure_loras(args, name: str, erasures: Sequence[Path], ranks, out: Path, j
     pipe = load_pipeline(args.model, device=args.device)
     add_deltas(pipe.unet, erasures, args.model)
     rows = [row(name, "full U-Net", judge(pipe), size=sum(p.stat().st_size for p in erasures))]
+    pipe = load_pipeline(args.model, device=args.device)
+    add_deltas(pipe.unet, erasures, args.model, lora_only=True)  # an untruncated LoRA: the limit of rank -> full
+    rows.append(row(name, "full, LoRA layers only", judge(pipe), "", None) | {"full": rows[0]})
     print(format_rows(rows, header=False), flush=True)
     for rank in ranks:
         summaries = [export_lora(e, out / f"{name}-{i}-r{rank}.safetensors", rank=rank, base=args.model,

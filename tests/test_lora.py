@@ -286,10 +286,12 @@ def test_rank_benchmark_table(tiny_pipeline, tmp_path):
     rows = lora_rank.main(lora_rank.parse_args([
         "--model", str(tiny_pipeline), "--erasures", f"x={a}", "--ranks", "1", "--combine", str(a), str(b),
         "--combine_ranks", "full", "--n_per_prompt", "1", "--steps", "2", "--output_dir", str(tmp_path / "bench")]))
-    assert [(r["model"], r["weights"]) for r in rows] == [
-        ("base", "base model"), ("x", "full U-Net"), ("x", "LoRA r=1"), ("a+b", "full U-Net"), ("a+b", "LoRA r=full")]
-    assert rows[2]["kept"] < rows[4]["kept"] <= 1 and rows[2]["size_kib"] < rows[1]["size_kib"]
+    weights = ["full U-Net", "full, LoRA layers only"]
+    assert [(r["model"], r["weights"]) for r in rows] == [("base", "base model"), *[("x", w) for w in weights],
+                                                          ("x", "LoRA r=1"), *[("a+b", w) for w in weights],
+                                                          ("a+b", "LoRA r=full")]
+    assert rows[3]["kept"] < rows[6]["kept"] <= 1 and rows[3]["size_kib"] < rows[1]["size_kib"]
     table = (tmp_path / "bench" / "table.md").read_text()
     assert "| x | LoRA r=1 | 1 |" in table and "| a+b | LoRA r=full | 16-32 + 16-32 |" in table
-    assert json.loads((tmp_path / "bench" / "results.json").read_text())["rows"][4]["model"] == "a+b"
+    assert json.loads((tmp_path / "bench" / "results.json").read_text())["rows"][6]["model"] == "a+b"
     assert len(list((tmp_path / "bench").glob("*.safetensors"))) == 3
