@@ -1,14 +1,15 @@
-"""Erasure as a LoRA: export an erasure file's weight changes as low-rank pairs that diffusers and the UIs load.
+"""Erasure as a LoRA: export an erasure file's weight changes as low-rank pairs that diffusers' load_lora_weights loads.
 
   python -m utils.lora OUT/erasure.safetensors --rank 8          # -> OUT/erasure-lora-r8.safetensors
   python -m utils.lora OUT/erasure.safetensors --energy 0.9      # per layer, the smallest rank keeping 90%
 
 Each trained Linear or Conv2d weight W becomes delta = W_erased - W_base (base: --pretrained_model_name_or_path,
 default the erasure file's base_model), cut to rank r by a truncated SVD, delta ~ up @ down. Keys follow the kohya
-style that kohya's sd-scripts writes for SD 1.x and that A1111 and ComfyUI read: lora_unet_<module path, "." -> "_">
-.lora_down.weight / .lora_up.weight / .alpha. One alpha serves every layer (the largest rank); each up matrix
-carries r / alpha, so every loader, which scales by alpha / r, adds exactly the truncated delta. Biases and norm
-weights have no LoRA form: they are left out, and their share of the delta's energy (sum of squares) is printed.
+style that kohya's sd-scripts writes for SD 1.x (A1111 and ComfyUI convert it; untested here): lora_unet_<module
+path, "." -> "_">.lora_down.weight / .lora_up.weight / .alpha. One alpha serves every layer (the largest rank);
+each up matrix carries r / alpha, so every loader, which scales by alpha / r, adds exactly the truncated delta.
+Biases and norm weights have no LoRA form: they are left out, and their share of the delta's energy (sum of
+squares) is printed. See docs/lora.md.
 """
 from __future__ import annotations
 
