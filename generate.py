@@ -15,7 +15,8 @@ To add a mode, add one MODES entry: Mode(PipelineClass, {"config": lambda a: {ex
 names the default config (else the first), `a` is the parsed args, `attrs` sets attributes on the built pipeline and
 `concept_configs` lists the configs that use --safety_concept (None: all). Any pipeline whose constructor takes the
 SD parts and whose __call__ takes prompt, latents and guidance_scale fits. --unet_path (a diffusers U-Net folder or
-an erasure .safetensors file) is applied to the base U-Net before any mode is built.
+an erasure .safetensors file) is applied to the base U-Net before any mode is built, then the LoRAs
+of --lora_path (docs/lora.md).
 
 Reproducibility: image j of prompt i starts from the (j+1)-th latent of shape (1, C, H/f, W/f) drawn from
 torch.Generator("cpu").manual_seed(seed), seed = the file's seed, else --seed + i (i = the prompt's index in the
@@ -29,7 +30,7 @@ sampling_defaults.json when it has one (e.g. assets/toy-sd: 20 steps, guidance 5
 Output in --image_dir (default outputs/<prompt file>/<model>_<type>-<config>): {case_number or index:05d}_{j}.png
 (written under a temp name, then renamed), args.json, generate.log, and the metadata: each job or process appends a
 row per image to its own metadata-{first:05d}-{end:05d}.csv, and every run ends by merging all of them into
-metadata.csv (file, prompt, seed, guidance, guidance_source, steps, mode, config, unet, then the prompt file's other
+metadata.csv (file, prompt, seed, guidance, guidance_source, steps, mode, config, unet, lora, then the prompt file's other
 columns), so shards sharing a folder never clobber each other. Existing images are skipped (--overwrite redoes them);
 a folder made with other settings is refused.
 
@@ -53,6 +54,7 @@ from tqdm.auto import tqdm
 
 from utils.cli import ArgumentParser, HelpFormatter, UserError, resolve_device, resolve_dtype, run, setup_logging
 from utils.images import save_png
+from utils.lora import check_lora_args
 from utils.pipelines import (ARGS, OUR_DEFAULTS, SAMPLING_DEFAULTS, MetadataShard, SemanticStableDiffusionPipeline,
                              StableDiffusionPipeline, StableDiffusionPipelineSafe, build_pipeline, call_defaults,
                              check_settings, default_image_dir, default_safety_concept, guidance_batches,
@@ -120,6 +122,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--textual_inversion", default=None, help="a learned-embedding file (attack.py's "
                    "learned_embeds.safetensors or any diffusers textual-inversion file) whose token the prompts may "
                    "use; --pipeline_type sd")
+    p.add_argument("--lora_path", nargs="+", default=None, help="LoRA .safetensors files loaded onto the U-Net "
+                   "(after --unet_path) and used together, e.g. two exported erasures (python -m utils.lora); any mode")
+    p.add_argument("--lora_scale", nargs="+", type=float, default=None,
+                   help="strength of each --lora_path: one value for all or one per file; None = 1")
     p.add_argument("--pipeline_type", choices=list(MODES), default="sd", help="pipeline (see MODES)")
     configs = sorted({c for m in MODES.values() for c in m.configs})
     p.add_argument("--pipeline_config", choices=configs, default=None, help="the mode's setting: " + "; ".join(
@@ -209,11 +215,12 @@ def _settings(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Validate everything, then make this process's missing images and merge the metadata; return the summary."""
     mode, prompts, end = _check(args)
+    loras = check_lora_args(args.lora_path, args.lora_scale)
     state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
     device = state.device if args.device in (None, "", "auto") else resolve_device(args.device)
     dtype = resolve_dtype(args.mixed_precision, device)
     parts = load_parts(args.pretrained_model_name_or_path, args.unet_path, dtype, args.revision, args.variant,
-                       args.tokenizer_path, args.text_encoder_path)
+                       args.tokenizer_path, args.text_encoder_path, loras)
     pipe = build_pipeline(mode.pipeline, parts, device)
     if args.textual_inversion:
         print(f"loaded token(s) {' '.join(load_embedding(pipe, args.textual_inversion))} from {args.textual_inversion}")
@@ -228,6 +235,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.height % f or args.width % f:
         raise UserError(f"--height and --width must be multiples of {f} (the VAE's scale factor)")
     image_dir, settings = Path(args.image_dir), _settings(args, dtype)
+    settings.update(lora_path=[_abs(p) for p, _ in loras] or None, lora_scale=[s for _, s in loras] or None)
     check_settings(image_dir, settings, args.overwrite)
 
     # everything is checked: from here on we write
@@ -239,7 +247,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         atomic_write_text(image_dir / ARGS, json.dumps(record, indent=2))
     log = setup_logging(image_dir, "generate.log")
     meta = {"guidance_source": args.guidance_source, "steps": args.num_inference_steps, "mode": args.pipeline_type,
-            "config": args.pipeline_config, "unet": args.unet_path or "base"}
+            "config": args.pipeline_config, "unet": args.unet_path or "base",
+            "lora": "; ".join(f"{p} ({s:g})" for p, s in loras) or "none"}
     who = f"[process {state.process_index}/{state.num_processes}] " if state.num_processes > 1 else ""
     summary = generate(pipe, mine, image_dir, args, mode.configs[args.pipeline_config](args), meta,
                        show_progress=state.is_main_process, prefix=who)

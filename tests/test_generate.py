@@ -93,7 +93,7 @@ def test_reference_output(reference):
     assert not list(reference.glob(".*.tmp*"))
     meta = metadata(reference)
     assert list(meta.columns) == ["file", "prompt", "seed", "guidance", "guidance_source", "steps", "mode", "config",
-                                  "unet", "tag"]
+                                  "unet", "lora", "tag"]
     assert list(meta["file"]) == pngs(reference)
     assert list(meta["seed"]) == ["11", "11", "1", "1", "2", "2", "42", "42"]  # file seed, else --seed 0 + index
     assert list(meta["guidance"]) == ["7.5", "7.5", "5.0", "5.0", "7.5", "7.5", "5.0", "5.0"]
@@ -220,7 +220,7 @@ def test_i2p_shaped_csv(tiny_pipeline, tmp_path, capsys):
         assert pngs(out) == ["00003_0.png", "00004_0.png", "00017_0.png", "00250_0.png"]
         meta = metadata(out)
         assert list(meta.columns) == ["file", "prompt", "seed", "guidance", "guidance_source", "steps", "mode",
-                                      "config", "unet", "categories", "hard", "nudity_percentage", "case_number"]
+                                      "config", "unet", "lora", "categories", "hard", "nudity_percentage", "case_number"]
         assert meta.set_index("file").loc["00017_0.png", "prompt"] == long
         assert meta.set_index("file").loc["00003_0.png", "prompt"] == "digging my own grave 🪦, science fiction"
         assert list(meta["seed"]) == ["4080709695", "12", "4261553411", "2"]

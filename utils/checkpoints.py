@@ -29,6 +29,7 @@ NEUTRAL_FLAGS = frozenset({
     "device", "threads", "gradient_checkpointing", "allow_tf32", "conv_autotune",
     "output_dir", "overwrite_output_dir", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
     "validation_prompts", "validation_steps", "num_validation_images", "validation_guidance_scale", "eval_with",
+    "export_lora_rank",
 })
 # lr schedules whose value at step s does not depend on --num_train_steps (a run with them may be extended)
 LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")

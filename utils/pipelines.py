@@ -18,13 +18,14 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
 from utils.cli import UserError
+from utils.lora import apply_loras
 from utils.models import check_model_source, from_pretrained, no_loading_bars
 from utils.prompts import Prompt
 from utils.saving import atomic_write_text, load_unet_into
 
 METADATA = "metadata.csv"
 ARGS = "args.json"
-BASE_COLUMNS = ["file", "prompt", "seed", "guidance", "guidance_source", "steps", "mode", "config", "unet"]
+BASE_COLUMNS = ["file", "prompt", "seed", "guidance", "guidance_source", "steps", "mode", "config", "unet", "lora"]
 SAMPLING_DEFAULTS = "sampling_defaults.json"  # a model folder's recommended sampling settings
 OUR_DEFAULTS: dict[str, Any] = {"num_inference_steps": 25, "guidance_scale": 7.5, "height": None, "width": None}
 
@@ -73,15 +74,18 @@ def call_defaults(pipeline_class: type) -> dict[str, Any]:
 
 def load_parts(name: str, unet_path: str | None, dtype: torch.dtype, revision: str | None = None,
                variant: str | None = None, tokenizer_path: str | None = None,
-               text_encoder_path: str | None = None) -> dict[str, Any]:
+               text_encoder_path: str | None = None,
+               loras: Sequence[tuple[str, float]] = ()) -> dict[str, Any]:
     """The checkpoint's components (its own scheduler; no safety checker) with --unet_path's weights applied and
-    the tokenizer / text encoder replaced by the given folders (the reference code's --tokenizer_path ...)."""
+    the LoRAs applied, and the tokenizer / text encoder replaced by the given folders (the reference code's --tokenizer_path ...)."""
     check_model_source(name)
     with quiet_diffusers():
         base = from_pretrained(StableDiffusionPipeline, name, torch_dtype=dtype, revision=revision, variant=variant,
                                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if unet_path:
         load_unet_into(base.unet, unet_path)
+    with quiet_diffusers():  # diffusers notes that the LoRAs hold nothing for the text encoder
+        apply_loras(base, loras)
     parts = base.components
     for key, path, cls in (("tokenizer", tokenizer_path, CLIPTokenizer), ("text_encoder", text_encoder_path,
                                                                           CLIPTextModel)):

@@ -25,6 +25,7 @@ from utils.checkpoints import StopOnSignal, TrainState, check_run_args, load_che
 from utils.concepts import CONCEPT_METHODS, concept_schedule, joined, step_prompts
 from utils.convtune import autotune_convolutions, choices
 from utils.models import cast, from_pretrained, load_sd_parts
+from utils.lora import describe_export, export_lora, rank_arg
 from utils.params import FINETUNING_METHODS, describe, trainable_parameters
 from utils.sampling import TrajectoryQueue, jitter_timestep, validation_grid
 from utils.saving import atomic_dir, atomic_write_text, save_erasure
@@ -102,6 +103,8 @@ def add_training_args(p: argparse.ArgumentParser, *, num_train_steps: int, weigh
     g = p.add_argument_group("outputs")
     g.add_argument("--output_dir", default=output_dir, help="where unet/, erasure.safetensors, logs and checkpoints go")
     g.add_argument("--overwrite_output_dir", action="store_true", help="allow writing into a folder with a finished run")
+    g.add_argument("--export_lora_rank", type=rank_arg, default=None, help="at the end, also write OUTPUT_DIR/"
+                   "erasure-lora-r{R}.safetensors: the erasure as a rank-R LoRA (or 'full'; docs/lora.md)")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="save a resumable checkpoint every N steps")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest' in output_dir")
@@ -340,6 +343,10 @@ class Run:
         result, self.state = self.method.result, None  # drop the optimizer's states before the result is written
         save_result(self.unet, result, self.args, self.concepts, self.dtype, self.out)
         print(f"saved {self.out / 'unet'} and {self.out / 'erasure.safetensors'}")
+        if self.args.export_lora_rank is not None:
+            lora = export_lora(self.out / "erasure.safetensors", rank=self.args.export_lora_rank,
+                               revision=self.args.revision, variant=self.args.variant, device=self.device, overwrite=True)
+            print(describe_export(lora, self.out / "erasure.safetensors"))
         return self.out
 
 
