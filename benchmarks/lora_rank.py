@@ -5,8 +5,9 @@ Rows: the base model; per --erasures LABEL=FILE the full erasure (the file appli
 the same with only the tensors a LoRA can hold (biases and norms left at the base's: the limit of a LoRA's rank),
 and its LoRA at each --ranks; with --combine, the erasures' deltas summed and their LoRAs loaded together at each
 --combine_ranks. Columns: rank (per-layer range), delta energy the LoRA keeps (left-out biases count as lost), file
-size, each colour's rate as utils.toy.measure judges it, shape accuracy, and the largest change of a colour's rate
-against the full erasure (points). The table (markdown) and JSON go to --output_dir, with the LoRA files.
+size, the erased colours' explicit / paraphrase / implied rates and the other colours' same-seed preservation
+against the base model (utils.toy.measure.erasure), shape accuracy, and the largest change of a rate against the full
+erasure (points). The erased colours are read from the erasure files' concepts. The table (markdown) and JSON go to --output_dir, with the LoRA files.
 
     python benchmarks/lora_rank.py --erasures esd=outputs/toy-esd-red/erasure.safetensors \\
         sdd=outputs/toy-sdd-red/erasure.safetensors --ranks 1 2 4 8 full \\
@@ -19,6 +20,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -34,13 +36,14 @@ from utils.cli import ArgumentParser, HelpFormatter, UserError, run  # noqa: E40
 from utils.lora import apply_loras, erasure_deltas, export_lora, lora_layers, rank_arg  # noqa: E402
 from utils.pipelines import quiet_diffusers  # noqa: E402
 from utils.saving import atomic_write_text  # noqa: E402
-from utils.toy import load_pipeline as toy_pipeline, measure  # noqa: E402
+from utils.toy import measure as M  # noqa: E402
+from utils.toy.cli import erased_colours  # noqa: E402
 
 
 def load_pipeline(model: str, loras: Sequence[str] = (), device: str = "cpu"):
     """The base toy pipeline, with LoRAs loaded through diffusers' load_lora_weights (loading notices hidden)."""
     with quiet_diffusers():
-        pipe = toy_pipeline(model, None, device)
+        pipe = M.load_pipeline(model, None, device)
         apply_loras(pipe, [(path, 1.0) for path in loras])
     return pipe
 
@@ -93,7 +96,7 @@ def add_deltas(unet: torch.nn.Module, erasures: Sequence[Path], model: str, lora
 
 
 def row(name: str, weights: str, res: dict, rank: str = "", kept: float | None = None, size: int | None = None) -> dict:
-    """One table row from utils.toy.measure's result."""
+    """One table row from a Judge's result."""
     return dict(model=name, weights=weights, rank=rank, kept=kept, size_kib=None if size is None else size / 1024,
                 colour_rate=res["colour_rate"], shape_acc=res["shape_acc"])
 
@@ -104,14 +107,37 @@ def rank_text(summary: dict) -> str:
     return str(ranks[0]) if ranks[0] == ranks[-1] else f"{ranks[0]}-{ranks[-1]}"
 
 
-def measure_loras(args, name: str, erasures: Sequence[Path], ranks, out: Path, judge) -> list[dict]:
-    """The full erasure(s) and the LoRAs at each rank, loaded together when there are several."""
+class Judge:
+    """Erasure numbers of a pipeline against the base model on the same seeds, for a set of erased colours."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.cache = args, {}
+        self.kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size)
+
+    def __call__(self, pipe, concepts: Sequence[str]) -> dict:
+        """{colour_rate: erased colours' rates per kind and the kept shares, shape_acc} of `pipe`."""
+        key = tuple(concepts)
+        if key not in self.cache:
+            items = M.erasure_items(concepts, self.args.n_per_prompt, self.args.seed)
+            self.cache[key] = items, M.draw(load_pipeline(self.args.model, device=self.args.device), items, **self.kw)
+        items, before = self.cache[key]
+        res = M.erasure(items, before, M.draw(pipe, items, **self.kw), concepts)
+        rates = {f"{c} {k}": res["after"][k][c] for c in concepts for k in M.KINDS}
+        rates.update({"neighbour kept": res["preserved_neighbours"], "others kept": res["preserved_others"]})
+        return dict(colour_rate=rates, shape_acc=res["shape_acc_after"])
+
+
+def measure_loras(args, name: str, erasures: Sequence[Path], ranks, out: Path, judge: Judge) -> list[dict]:
+    """The base model, the full erasure(s) and the LoRAs at each rank, loaded together when there are several."""
+    concepts = list(dict.fromkeys(c for e in erasures for c in erased_colours(e)))
+    judge = partial(judge, concepts=concepts)
+    rows = [row(name, "base model", judge(load_pipeline(args.model, device=args.device)))]
     pipe = load_pipeline(args.model, device=args.device)
     add_deltas(pipe.unet, erasures, args.model)
-    rows = [row(name, "full U-Net", judge(pipe), size=sum(p.stat().st_size for p in erasures))]
+    rows.append(row(name, "full U-Net", judge(pipe), size=sum(p.stat().st_size for p in erasures)))
     pipe = load_pipeline(args.model, device=args.device)
     add_deltas(pipe.unet, erasures, args.model, lora_only=True)  # an untruncated LoRA: the limit of rank -> full
-    rows.append(row(name, "full, LoRA layers only", judge(pipe), "", None) | {"full": rows[0]})
+    rows.append(row(name, "full, LoRA layers only", judge(pipe), "", None) | {"full": rows[1]})
     print(format_rows(rows, header=False), flush=True)
     for rank in ranks:
         summaries = [export_lora(e, out / f"{name}-{i}-r{rank}.safetensors", rank=rank, base=args.model,
@@ -119,13 +145,13 @@ def measure_loras(args, name: str, erasures: Sequence[Path], ranks, out: Path, j
         pipe = load_pipeline(args.model, [s["path"] for s in summaries], args.device)
         kept = sum(s["retained_total"] for s in summaries) / len(summaries)
         rows.append(row(name, f"LoRA r={rank}", judge(pipe), " + ".join(rank_text(s) for s in summaries), kept,
-                        sum(s["size_bytes"] for s in summaries)) | {"full": rows[0]})
+                        sum(s["size_bytes"] for s in summaries)) | {"full": rows[1]})
         print(format_rows(rows[-1:], header=False), flush=True)
     return rows
 
 
 def format_rows(rows: list[dict], header: bool = True) -> str:
-    """Markdown table; max Δ: the largest |rate - the full erasure's rate| over the colours, in points."""
+    """Markdown table; max Δ: the largest |rate - the full erasure's rate| over the columns, in points."""
     colours = list(rows[0]["colour_rate"])
     lines = []
     if header:
@@ -187,17 +213,14 @@ def main(args: argparse.Namespace) -> list[dict]:
     settings = dict(n_per_prompt=args.n_per_prompt, seed=args.seed, num_inference_steps=args.steps,
                     guidance_scale=args.guidance_scale, batch_size=args.batch_size)
 
-    def judge(pipe) -> dict:
-        return measure(pipe, **settings)
-
-    rows = [row("base", "base model", judge(load_pipeline(args.model, device=args.device)))]
-    print(format_rows(rows), flush=True)
+    judge, rows, tables = Judge(args), [], []
     groups = [(label, [path], args.ranks) for label, path in args.erasures]
     for files in args.combine:
         groups.append(("+".join(p.parent.name or p.stem for p in files), files, args.combine_ranks))
     for name, erasures, ranks in groups:
-        rows += measure_loras(args, name, erasures, ranks, out, judge)
-    table = format_rows(rows)
+        rows += (group := measure_loras(args, name, erasures, ranks, out, judge))
+        tables.append(format_rows(group))
+    table = "\n\n".join(tables)
     cmd = "python benchmarks/lora_rank.py " + " ".join(sys.argv[1:])
     text = (f"{cmd}\n{args.n_per_prompt} images per prompt, seed {args.seed}, {args.steps} DDIM steps, guidance "
             f"{args.guidance_scale}, LoRAs in {args.save_precision}; {time.time() - t0:.0f} s\n\n{table}\n")
