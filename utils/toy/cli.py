@@ -186,7 +186,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae_batch_size", type=int, default=32, help="VAE batch size")
     p.add_argument("--vae_lr", type=float, default=1e-3, help="VAE peak learning rate (AdamW, warm-up + cosine)")
     p.add_argument("--vae_kl_weight", type=float, default=1e-6, help="weight of the VAE's KL term")
-    p.add_argument("--unet_steps", type=int, default=4000, help="U-Net + text encoder training steps")
+    p.add_argument("--unet_steps", type=int, default=4500, help="U-Net + text encoder training steps")
     p.add_argument("--unet_batch_size", type=int, default=64, help="U-Net batch size")
     p.add_argument("--unet_lr", type=float, default=1e-3, help="U-Net + text encoder peak learning rate")
     p.add_argument("--checkpoint_every", type=int, default=250, help="steps between checkpoints (resumed automatically)")
