@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The offline demo: erase the word "red" from the shipped toy model with ESD-x-3 (eta 3, cross-attention),
+# The offline demo: erase the word "red" from the shipped toy model with ESD-x (eta 1, cross-attention),
 # then measure the result against the base model, seed for seed: how often red still shows on prompts that name it
 # (explicit), on held-out phrasings (paraphrase) and on objects that only imply it (implied: "an apple"), how much of
 # orange (red's neighbour) and of the other colours is preserved, shape accuracy and training time; and
@@ -18,16 +18,16 @@ else
   python "$HERE"/train_esd.py \
     --pretrained_model_name_or_path "$HERE/assets/toy-sd" \
     --removing_concepts red \
-    --num_train_steps 200 \
+    --num_train_steps 50 \
     --train_batch_size 4 \
     --learning_rate 1e-4 \
     --num_ddim_steps 20 \
     --guidance_scale 3.0 \
-    --negative_guidance 3.0 \
-    --checkpointing_steps 100 \
+    --negative_guidance 1.0 \
+    --checkpointing_steps 25 \
     --resume_from_checkpoint latest \
     --validation_prompts "a red circle" "an apple" "an orange square" "a blue triangle" \
-    --validation_steps 100 \
+    --validation_steps 25 \
     --num_validation_images 6 \
     --seed 0 \
     --output_dir "$OUTPUT_DIR" \

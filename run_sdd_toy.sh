@@ -18,7 +18,7 @@ else
   python "$HERE"/train_sdd.py \
     --pretrained_model_name_or_path "$HERE/assets/toy-sd" \
     --removing_concepts red \
-    --num_train_steps 300 \
+    --num_train_steps 350 \
     --train_batch_size 4 \
     --learning_rate 1e-4 \
     --ema_decay 0.99 \

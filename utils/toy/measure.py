@@ -48,10 +48,8 @@ class Item:
 
 def load_pipeline(model: str | os.PathLike, unet: str | os.PathLike | None = None, device: str | None = "cpu"):
     """A StableDiffusionPipeline from a local folder, its U-Net optionally replaced (U-Net folder or erasure file)."""
-    from diffusers import StableDiffusionPipeline
-
     from utils.models import check_model_source, from_pretrained
-    from utils.pipelines import quiet_diffusers
+    from utils.pipelines import StableDiffusionPipeline, quiet_diffusers  # imported without transformers' notices
     from utils.saving import load_unet_into
 
     check_model_source(str(model))

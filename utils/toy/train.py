@@ -190,7 +190,7 @@ def train_unet(text_encoder, unet, tokenizer, means: torch.Tensor, stds: torch.T
 
 def train(args: argparse.Namespace) -> Path:
     """Render the data set, train VAE then U-Net + text encoder, save the pipeline to args.output_dir."""
-    from diffusers import StableDiffusionPipeline
+    from utils.pipelines import StableDiffusionPipeline  # imported without transformers' notices
 
     out = Path(args.output_dir)
     ckpt_dir = out / "checkpoints"
