@@ -41,7 +41,7 @@ from utils.eval.common import load_image_folder
 from utils.models import load_sd_parts
 from utils.saving import atomic_write_text, load_unet_into
 from utils.checkpoints import list_checkpoints, resolve_resume
-from utils.trainer import LR_SCHEDULERS
+from utils.trainer import add_adamw_args
 
 SUMMARY, LOG = "attack_summary.json", "attack.log"
 
@@ -75,14 +75,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("optimization")
     g.add_argument("--num_train_steps", type=int, default=500, help="optimizer steps")
     g.add_argument("--train_batch_size", type=int, default=4, help="target images per step")
-    g.add_argument("--learning_rate", type=float, default=5e-3, help="AdamW learning rate of the embeddings")
-    g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant", help="learning-rate schedule")
-    g.add_argument("--lr_warmup_steps", type=int, default=0, help="warm-up steps of the schedule")
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay of the embeddings")
-    g.add_argument("--max_grad_norm", type=float, default=0.0, help="gradient-norm clip (0: off)")
+    add_adamw_args(g, learning_rate=5e-3, weight_decay=0.0, max_grad_norm=0.0, what=" of the embeddings")
     g.add_argument("--resolution", type=int, default=None, help="target image size (default: the model's own)")
     g.add_argument("--seed", type=int, default=0, help="seed of training draws and of the evaluation images")
     g = p.add_argument_group("evaluation")

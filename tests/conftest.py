@@ -15,6 +15,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from utils.tiny import build_tiny_pipeline  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: tiny models run several times faster on one thread, above all on a busy 2-core machine."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory) -> Path:
     """A tiny epsilon-prediction SD pipeline folder (PNDM scheduler, as SD 1.x ships)."""

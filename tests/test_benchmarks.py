@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import train_esd
 import train_sdd
@@ -17,13 +16,6 @@ from benchmarks.reference_layout import ReferenceLayout
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread (tiny models on a shared machine run far steadier), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_bench_train_tiny_prints_a_table_with_ratios(tmp_path):

@@ -56,13 +56,7 @@ def metadata(folder: Path) -> pd.DataFrame:
     return pd.read_csv(folder / "metadata.csv", dtype=str, keep_default_na=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread, above all on a busy 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,18 @@ class _DevicesAlias(argparse.Action):
         setattr(namespace, self.dest, f"cuda:{values[0]}")
 
 
+def add_adamw_args(g, *, learning_rate: float, weight_decay: float, max_grad_norm: float, what: str = "") -> None:
+    """AdamW, its learning-rate schedule and gradient clipping (the flags of the diffusers training examples)."""
+    g.add_argument("--learning_rate", type=float, default=learning_rate, help=f"AdamW learning rate{what}")
+    g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant", help="learning-rate schedule")
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="warm-up steps of the schedule")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--weight_decay", type=float, default=weight_decay, help=f"AdamW weight decay{what}")
+    g.add_argument("--max_grad_norm", type=float, default=max_grad_norm, help="gradient-norm clip (0: off)")
+
+
 def add_training_args(p: argparse.ArgumentParser, *, num_train_steps: int, weight_decay: float, max_grad_norm: float,
                       output_dir: str) -> None:
     """The flags both trainers share (names follow the reference code and the diffusers training examples)."""
@@ -73,14 +85,7 @@ def add_training_args(p: argparse.ArgumentParser, *, num_train_steps: int, weigh
     g.add_argument("--num_train_steps", type=int, default=num_train_steps, help="optimizer steps")
     g.add_argument("--train_batch_size", type=int, default=1, help="z_T samples per micro-step")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-steps per optimizer step")
-    g.add_argument("--learning_rate", type=float, default=1e-5, help="AdamW learning rate")
-    g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant", help="learning-rate schedule")
-    g.add_argument("--lr_warmup_steps", type=int, default=0, help="warm-up steps of the schedule")
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
-    g.add_argument("--weight_decay", type=float, default=weight_decay, help="AdamW weight decay")
-    g.add_argument("--max_grad_norm", type=float, default=max_grad_norm, help="gradient-norm clip (0: off)")
+    add_adamw_args(g, learning_rate=1e-5, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
     g.add_argument("--resolution", type=int, default=None, help="image size of z_T (default: the model's own)")
     g.add_argument("--seed", type=int, default=0, help="seed of k, z_T, the concept order and validation")
     g = p.add_argument_group("hardware")

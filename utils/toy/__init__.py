@@ -16,3 +16,9 @@ from utils.toy.render import RESOLUTION, make_dataset, render
 from utils.toy.train import DEFAULT_GUIDANCE, DEFAULT_STEPS, MODEL_MAX_LENGTH, build_models, make_scheduler
 
 parse_caption = parse_prompt  # the name evaluate.py's toy scorer uses
+
+__all__ = ["OTHER", "iou", "judge", "judge_features", "preserved", "COLOUR_WORDS", "COLOURS", "HELD_OUT", "OBJECTS",
+           "SHAPES", "TEMPLATES", "parse_prompt", "prompt_sets", "training_captions", "vocabulary", "NEIGHBOURS", "Item",
+           "draw", "erasure", "erasure_items", "load_pipeline", "quality", "quality_items", "sample_images",
+           "write_items", "RESOLUTION", "make_dataset", "render", "DEFAULT_GUIDANCE", "DEFAULT_STEPS",
+           "MODEL_MAX_LENGTH", "build_models", "make_scheduler", "parse_caption"]
