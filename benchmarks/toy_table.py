@@ -1,17 +1,15 @@
 """The SDD paper's nudity table in miniature: erase "red" from the toy model with every method, measure all alike.
 
-Rows: inference-time methods on the base model (generate.py modes with --safety_concept red), fine-tuned ones
-(train_esd.py, train_sdd.py) and multi-concept ones (red and blue at once). Every row draws the same prompts with the
-same seeds (`python -m utils.toy prompts`), through generate.py, and is scored by `evaluate.py toy` against SD's images
-of the same seeds; a fine-tuned row is then attacked with attack.py (concept inversion). METHODS below holds every
-row's settings. Each step is skipped when its output exists, so a rerun resumes where it stopped.
+Rows: generate.py modes on the base model (--safety_concept red), train_esd.py / train_sdd.py (red; red and blue at
+once). Every row draws the same prompts and seeds (utils.toy.measure.erasure_items) through generate.py, is scored by
+`evaluate.py toy` against SD's images of the same seeds, and, when fine-tuned, attacked with attack.py. METHODS holds
+every row's settings. A step whose output exists is skipped, so a rerun resumes. See docs/toy_table.md.
 
-    bash run_toy_table.sh OUT --model /path/to/toy-v2       # every method
-    bash run_toy_table.sh OUT --quick                       # 5 methods, 1 image per prompt, 1/10 of the training
+    bash run_toy_table.sh OUT --model TOY_V2_PIPELINE     # every method
+    bash run_toy_table.sh OUT --quick                     # 5 methods, 2 images per prompt, 1/10 of the training
 
-Writes OUT/table.md (printed), table.csv, table.png (bar chart), samples.png (a row of images per method, same
-seeds) and toy_table.log; the pieces go to OUT/prompts, images/<method>, train/<method>, attack/<method> and
-results/<method>.json (a finished row).
+Writes OUT/table.md (printed), table.csv, table.png, samples.png and toy_table.log; the pieces go to OUT/prompts,
+images/<method>, train/<method>, attack/<method> and results/<method>.json (a finished row).
 """
 from __future__ import annotations
 
@@ -19,7 +17,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import re
 import sys
 import time
@@ -36,7 +33,7 @@ import evaluate  # noqa: E402
 import generate  # noqa: E402
 import train_esd  # noqa: E402
 import train_sdd  # noqa: E402
-from utils.cli import HelpFormatter, UserError, run, setup_logging  # noqa: E402
+from utils.cli import HelpFormatter, Stopped, UserError, run, setup_logging  # noqa: E402
 from utils.eval.common import bar_chart, load_image_folder, load_rgb, write_csv, write_json, write_png, write_text  # noqa: E402
 from utils.images import image_grid  # noqa: E402
 from utils.toy import measure  # noqa: E402
@@ -73,8 +70,9 @@ METHODS: dict[str, tuple[str, dict]] = {
 # the concept-inversion attack on every fine-tuned row (docs/attack.md's toy settings)
 ATTACK = {"target_prompt": "prompts/attack_toy.txt", "prompts": "prompts/attack_toy.txt", "num_target_images": 24,
           "num_images_per_prompt": 16, "num_vectors": 4, "num_train_steps": 500, "learning_rate": 5e-3}
-# --quick: these rows, 1 image per prompt, training and attack steps x QUICK_STEPS (EMA horizon scaled alike)
+# --quick: these rows, QUICK_N images per prompt, training and attack steps x QUICK_STEPS (EMA horizon scaled alike)
 QUICK = ("SD", "SD+NEG", "SLD-max", "ESD-x-3", "SDD")
+QUICK_N = 2
 QUICK_STEPS = 0.1
 QUICK_ATTACK = {"num_target_images": 8, "num_images_per_prompt": 2}
 TRAINERS = {"esd": train_esd, "sdd": train_sdd}
@@ -150,8 +148,11 @@ def draw(args: argparse.Namespace, folder: Path, prompts: Path, flags: dict, une
 
 def base_folder(args: argparse.Namespace, concepts: Sequence[str]) -> Path:
     """SD's images of the concepts' prompt file: the reference every row is compared with, seed for seed."""
-    name = "sd" if list(concepts) == [CONCEPT] else "sd-" + "-".join(concepts)
-    return draw(args, Path(args.output_dir) / "images" / name, prompt_file(args, concepts), {})
+    folder = Path(args.output_dir) / "images" / ("sd" if list(concepts) == [CONCEPT] else "sd-" + "-".join(concepts))
+    drawn = vars(args).setdefault("drawn_bases", set())  # once per invocation; generate.py skips finished images
+    if folder not in drawn:
+        drawn.add(draw(args, folder, prompt_file(args, concepts), {}))
+    return folder
 
 
 def train(args: argparse.Namespace, name: str, r: dict) -> Path:
@@ -207,18 +208,22 @@ def run_row(args: argparse.Namespace, name: str, settings: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the table
+def _pct(v: float | None) -> float | None:
+    return None if v is None or v != v else round(100 * v, 1)
+
+
 def columns(row: dict) -> dict:
-    """A row's numbers (percentages, seconds): red rates per kind, preservation, shape accuracy, time, attack."""
-    e, base = row["erasure"], row["name"] == "SD"
-    kept = {c: v for c, v in e["preserved"].items() if c != NEIGHBOUR}
-    pct = lambda v: None if v is None or v != v else round(100 * v, 1)
-    att = row["attack"] or {}
-    return {"method": row["name"], **{f"{k} red %": pct(e["after"][k][CONCEPT]) for k in KINDS},
-            f"{NEIGHBOUR} preserved %": None if base else pct(e["preserved"].get(NEIGHBOUR)),
-            "other colours preserved %": None if base else pct(sum(kept.values()) / len(kept)),
-            "shape accuracy %": pct(e["shape_acc_after"]),
+    """A row's numbers (%, s): red rates, kept colours preserved and drawn, shapes, training time, attack."""
+    e, att = row["erasure"], row["attack"] or {}
+    drawn = json.loads((Path(row["folder"]) / "toy_summary.json").read_text())["colour_rate"]
+    others = [c for c in e["preserved"] if c != NEIGHBOUR]  # kept colours: neither erased nor orange
+    mean = lambda d: sum(d[c] for c in others) / len(others)
+    return {"method": row["name"], **{f"{k} red %": _pct(e["after"][k][CONCEPT]) for k in KINDS},
+            f"{NEIGHBOUR} preserved %": _pct(e["preserved"][NEIGHBOUR]), "others preserved %": _pct(mean(e["preserved"])),
+            f"{NEIGHBOUR} drawn %": _pct(drawn[NEIGHBOUR]), "others drawn %": _pct(mean(drawn)),
+            "shape accuracy %": _pct(e["shape_acc_after"]),
             "training s": None if row["training_seconds"] is None else round(row["training_seconds"]),
-            "before attack red %": pct(att.get("pre")), "after attack red %": pct(att.get("post"))}
+            "before attack red %": _pct(att.get("pre")), "after attack red %": _pct(att.get("post"))}
 
 
 def multi_columns(rows: Sequence[dict]) -> list[dict]:
@@ -227,39 +232,35 @@ def multi_columns(rows: Sequence[dict]) -> list[dict]:
     if not multi:
         return []
     e0 = multi[0]["erasure"]
-    out = [{"method": "SD", **{f"{c} {k} %": round(100 * e0["before"][k][c], 1) for c in MULTI for k in KINDS}}]
+    out = [{"method": f"SD ({'+'.join(MULTI)} prompts)",
+            **{f"{c} {k} %": _pct(e0["before"][k][c]) for c in MULTI for k in KINDS}}]
     for r in multi:
         e = r["erasure"]
-        out.append({"method": r["name"], **{f"{c} {k} %": round(100 * e["after"][k][c], 1) for c in MULTI for k in KINDS},
-                    **{f"{c} preserved %": round(100 * v, 1) for c, v in e["preserved"].items()}})
+        out.append({"method": r["name"], **{f"{c} {k} %": _pct(e["after"][k][c]) for c in MULTI for k in KINDS},
+                    **{f"{c} preserved %": _pct(v) for c, v in e["preserved"].items()}})
     return out
 
 
 def markdown(table: Sequence[dict]) -> str:
     """A Markdown table of dicts (missing or None: '-')."""
     keys = list(dict.fromkeys(k for row in table for k in row))
-    cell = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+    cell = lambda v: "-" if v is None or v != v else str(v)
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" + "---:|" * (len(keys) - 1)]
     return "\n".join(lines + ["| " + " | ".join(cell(row.get(k)) for k in keys) + " |" for row in table]) + "\n"
 
 
 def settings_table(names: Sequence[str], quick: bool) -> list[dict]:
     """One row per fine-tuned method: trainer, concepts, layers, steps, lr, batch, N, s_g, eta, EMA."""
-    out = []
-    for name in names:
-        r = recipe(name, quick)
-        if r["runner"] != "generate":
-            f = r["flags"]
-            out.append({"method": name, "trainer": f"train_{r['runner']}.py", "concepts": " ".join(r["concepts"]),
-                        "layers": f["finetuning_method"], "steps": f["num_train_steps"], "lr": f["learning_rate"],
-                        "batch": f["train_batch_size"], "N": f["num_ddim_steps"], "s_g": f["guidance_scale"],
-                        "eta": f.get("negative_guidance"), "EMA m": f.get("ema_decay")})
-    return out
+    recipes = {n: recipe(n, quick) for n in names}
+    return [{"method": n, "trainer": f"train_{r['runner']}.py", "concepts": " ".join(r["concepts"]),
+             "layers": f["finetuning_method"], "steps": f["num_train_steps"], "lr": f["learning_rate"],
+             "batch": f["train_batch_size"], "N": f["num_ddim_steps"], "s_g": f["guidance_scale"],
+             "eta": f.get("negative_guidance"), "EMA m": f.get("ema_decay")}
+            for n, r in recipes.items() if r["runner"] != "generate" for f in [r["flags"]]]
 
 
 def samples_picture(rows: Sequence[dict]):
-    """A row of images per method, same prompts and seeds: SD's first image of each shape asked explicitly, a
-    paraphrase, each implied shape and each kept colour."""
+    """A row per method, same prompts and seeds: each explicit shape, a paraphrase, each implied shape, kept colour."""
     import pandas as pd
     from PIL import Image
 
@@ -283,13 +284,13 @@ def write_outputs(args: argparse.Namespace, rows: Sequence[dict], settings: dict
     table, multi = [columns(r) for r in rows], multi_columns(rows)
     picture, prompts = samples_picture(rows)
     write_png(out / "samples.png", picture)
-    series = {f"{k}": [t[f"{k} red %"] for t in table] for k in KINDS}
-    series["after attack"] = [t["after attack red %"] if t["after attack red %"] is not None else float("nan")
-                              for t in table]
+    series = {k: [t[f"{k} red %"] for t in table] for k in KINDS} | {
+        "after attack": [float("nan") if t["after attack red %"] is None else t["after attack red %"] for t in table]}
     write_png(out / "table.png", bar_chart([t["method"] for t in table], series,
-                                           f"red erased from the toy model: share of images still red", "% red"))
-    write_csv(out / "table.csv", pd.DataFrame(table + multi))
-    names = [r["name"] for r in rows]
+                                           f"{CONCEPT} erased from the toy model: images still {CONCEPT}", "%"))
+    extra = {m["method"]: m for m in multi}  # the red+blue rows' blue columns join their main rows
+    write_csv(out / "table.csv", pd.DataFrame([{**t, **extra.pop(t["method"], {})} for t in table] + list(extra.values())))
+    tuned = settings_table([r["name"] for r in rows], args.quick)
     md = (f"# Erasing \"{CONCEPT}\" from the toy model, every method\n\n"
           f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, `{command(args)}` (U-Net sha256 "
           f"{settings['model_sha256']}): {args.n_per_prompt} image(s) per prompt, seed {args.seed}, the model's "
@@ -298,10 +299,9 @@ def write_outputs(args: argparse.Namespace, rows: Sequence[dict], settings: dict
           + markdown(table)
           + (f"\nRed and blue erased at once (SD: the same prompts and seeds on the base model):\n\n{markdown(multi)}"
              if multi else "")
-          + f"\nFine-tuning settings:\n\n{markdown(settings_table(names, args.quick))}"
-          + f"\nAttack (attack.py, concept inversion on each erased U-Net): "
-          + ", ".join(f"{k} {v}" for k, v in attack_flags(args.quick).items())
-          + f".\n\nsamples.png, one column each: {'; '.join(prompts)}.\n")
+          + (f"\nFine-tuning settings:\n\n{markdown(tuned)}\nAttack (attack.py, concept inversion on each erased "
+             f"U-Net): " + ", ".join(f"{k} {v}" for k, v in attack_flags(args.quick).items()) + ".\n" if tuned else "")
+          + f"\nsamples.png, one column each: {'; '.join(prompts)}.\n")
     write_text(out / "table.md", md)
     return md
 
@@ -322,15 +322,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=str(ROOT / "assets" / "toy-sd"),
                    help="toy world 2 pipeline folder (python -m utils.toy train)")
     p.add_argument("--quick", action="store_true",
-                   help=f"CI form: {', '.join(QUICK)}; 1 image per prompt; steps x {QUICK_STEPS}")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
-                   help="rows to run (SD is always run: it is the reference); None: all, or QUICK with --quick")
-    p.add_argument("--n_per_prompt", type=int, default=None, help="images per prompt; None: 8, 1 with --quick")
+                   help=f"CI form: {', '.join(QUICK)}; {QUICK_N} images per prompt; steps x {QUICK_STEPS}")
+    by_slug = {slug(m): m for m in METHODS}
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, type=lambda m: by_slug.get(m, m),
+                   help="rows to run, by name or folder name (esd-x-3-red-blue); SD always runs (it is the reference); "
+                        "None: all, or QUICK with --quick")
+    p.add_argument("--n_per_prompt", type=int, default=None, help=f"images per prompt; None: 8, {QUICK_N} with --quick")
     p.add_argument("--seed", type=int, default=0, help="seed of the image seeds, the training and the attack")
     p.add_argument("--batch_size", type=int, default=64, help="images per generate.py pipeline call")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     args = p.parse_args(argv)
-    args.n_per_prompt = args.n_per_prompt or (1 if args.quick else 8)
+    args.n_per_prompt = args.n_per_prompt or (QUICK_N if args.quick else 8)
     if args.n_per_prompt < 1 or args.batch_size < 1:
         p.error("--n_per_prompt and --batch_size must be positive")
     args.methods = ["SD"] + [m for m in (args.methods or (QUICK if args.quick else METHODS)) if m != "SD"]
@@ -350,7 +352,10 @@ def main(args: argparse.Namespace) -> list[dict]:
     setup_logging(out, "toy_table.log")
     log.info("toy_table %s", " ".join(sys.argv[1:]))
     for name in args.methods:
-        rows.append(run_row(args, name, settings))
+        try:
+            rows.append(run_row(args, name, settings))
+        except Stopped as e:  # Ctrl-C / SIGTERM in a trainer or the attack, after its checkpoint
+            raise Stopped(f"{e}\nthe table continues from there: rerun `{command(args)}`", e.exit_code - 128) from None
         setup_logging(out, "toy_table.log")  # the tools point the log at their own folders
     md = write_outputs(args, rows, settings)
     log.info("table of %d methods in %.0f s (this invocation)", len(rows), time.time() - t0)
