@@ -1,15 +1,12 @@
 """The SDD paper's nudity table in miniature: erase "red" from the toy model with every method, measure all alike.
 
-Rows: generate.py modes on the base model (--safety_concept red), train_esd.py / train_sdd.py (red; red and blue at
-once). Every row draws the same prompts and seeds (utils.toy.measure.erasure_items) through generate.py, is scored by
-`evaluate.py toy` against SD's images of the same seeds, and, when fine-tuned, attacked with attack.py. METHODS holds
-every row's settings. A step whose output exists is skipped, so a rerun resumes. See docs/toy_table.md.
+Rows (METHODS): generate.py modes on the base model (--safety_concept red) and train_esd.py / train_sdd.py (red; red
+and blue at once). Every row draws the same prompts and seeds through generate.py, is scored by `evaluate.py toy`
+against SD's images of the same seeds and, when fine-tuned, attacked with attack.py. Steps whose output exists are
+skipped, so a rerun resumes. See docs/toy_table.md.
 
-    bash run_toy_table.sh OUT --model TOY_V2_PIPELINE     # every method
+    bash run_toy_table.sh OUT --model TOY_V2_PIPELINE   # every method: OUT/table.md, table.csv, table.png, samples.png
     bash run_toy_table.sh OUT --quick                     # 5 methods, 2 images per prompt, 1/10 of the training
-
-Writes OUT/table.md (printed), table.csv, table.png, samples.png and toy_table.log; the pieces go to OUT/prompts,
-images/<method>, train/<method>, attack/<method> and results/<method>.json (a finished row).
 """
 from __future__ import annotations
 
@@ -34,7 +31,8 @@ import generate  # noqa: E402
 import train_esd  # noqa: E402
 import train_sdd  # noqa: E402
 from utils.cli import HelpFormatter, Stopped, UserError, run, setup_logging  # noqa: E402
-from utils.eval.common import bar_chart, load_image_folder, load_rgb, write_csv, write_json, write_png, write_text  # noqa: E402
+from utils.eval.common import (bar_chart, load_image_folder, load_rgb, write_csv, write_json, write_png,  # noqa: E402
+                               write_text)
 from utils.images import image_grid  # noqa: E402
 from utils.toy import measure  # noqa: E402
 from utils.toy.cli import training_seconds  # noqa: E402
@@ -76,8 +74,7 @@ QUICK_N = 2
 QUICK_STEPS = 0.1
 QUICK_ATTACK = {"num_target_images": 8, "num_images_per_prompt": 2}
 TRAINERS = {"esd": train_esd, "sdd": train_sdd}
-KINDS = measure.KINDS
-log = logging.getLogger("sdd")
+KINDS, log = measure.KINDS, logging.getLogger("sdd")
 
 
 def slug(name: str) -> str:
@@ -109,9 +106,8 @@ def recipe(name: str, quick: bool) -> dict:
 
 def attack_flags(quick: bool) -> dict:
     """The attack's flags (--quick: fewer steps, targets and images)."""
-    if not quick:
-        return dict(ATTACK)
-    return {**ATTACK, **QUICK_ATTACK, "num_train_steps": max(1, round(ATTACK["num_train_steps"] * QUICK_STEPS))}
+    steps = max(1, round(ATTACK["num_train_steps"] * QUICK_STEPS))
+    return {**ATTACK, **QUICK_ATTACK, "num_train_steps": steps} if quick else dict(ATTACK)
 
 
 def check_model(model: Path) -> str:
@@ -219,7 +215,8 @@ def columns(row: dict) -> dict:
     others = [c for c in e["preserved"] if c != NEIGHBOUR]  # kept colours: neither erased nor orange
     mean = lambda d: sum(d[c] for c in others) / len(others)
     return {"method": row["name"], **{f"{k} red %": _pct(e["after"][k][CONCEPT]) for k in KINDS},
-            f"{NEIGHBOUR} preserved %": _pct(e["preserved"][NEIGHBOUR]), "others preserved %": _pct(mean(e["preserved"])),
+            f"{NEIGHBOUR} preserved %": _pct(e["preserved"][NEIGHBOUR]),
+            "others preserved %": _pct(mean(e["preserved"])),
             f"{NEIGHBOUR} drawn %": _pct(drawn[NEIGHBOUR]), "others drawn %": _pct(mean(drawn)),
             "shape accuracy %": _pct(e["shape_acc_after"]),
             "training s": None if row["training_seconds"] is None else round(row["training_seconds"]),
@@ -231,9 +228,8 @@ def multi_columns(rows: Sequence[dict]) -> list[dict]:
     multi = [r for r in rows if r["recipe"]["concepts"] == list(MULTI)]
     if not multi:
         return []
-    e0 = multi[0]["erasure"]
     out = [{"method": f"SD ({'+'.join(MULTI)} prompts)",
-            **{f"{c} {k} %": _pct(e0["before"][k][c]) for c in MULTI for k in KINDS}}]
+            **{f"{c} {k} %": _pct(multi[0]["erasure"]["before"][k][c]) for c in MULTI for k in KINDS}}]
     for r in multi:
         e = r["erasure"]
         out.append({"method": r["name"], **{f"{c} {k} %": _pct(e["after"][k][c]) for c in MULTI for k in KINDS},
@@ -289,7 +285,8 @@ def write_outputs(args: argparse.Namespace, rows: Sequence[dict], settings: dict
     write_png(out / "table.png", bar_chart([t["method"] for t in table], series,
                                            f"{CONCEPT} erased from the toy model: images still {CONCEPT}", "%"))
     extra = {m["method"]: m for m in multi}  # the red+blue rows' blue columns join their main rows
-    write_csv(out / "table.csv", pd.DataFrame([{**t, **extra.pop(t["method"], {})} for t in table] + list(extra.values())))
+    csv_rows = [{**t, **extra.pop(t["method"], {})} for t in table] + list(extra.values())
+    write_csv(out / "table.csv", pd.DataFrame(csv_rows))
     tuned = settings_table([r["name"] for r in rows], args.quick)
     md = (f"# Erasing \"{CONCEPT}\" from the toy model, every method\n\n"
           f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, `{command(args)}` (U-Net sha256 "
@@ -310,7 +307,7 @@ def command(args: argparse.Namespace) -> str:
     """The command line that makes this table."""
     default = ["SD", *[m for m in (QUICK if args.quick else METHODS) if m != "SD"]]
     methods = "" if args.methods == default else \
-        " --methods " + " ".join(f"'{m}'" if " " in m else m for m in args.methods)
+        " --methods " + " ".join(slug(m) for m in args.methods if m != "SD")
     return (f"bash run_toy_table.sh {args.output_dir}{' --quick' if args.quick else ''} --model {args.model} "
             f"--n_per_prompt {args.n_per_prompt} --seed {args.seed}{methods}")
 
@@ -344,11 +341,9 @@ def main(args: argparse.Namespace) -> list[dict]:
     """Every row (cached ones read back), then the table files; prints the table."""
     settings = {"model_sha256": check_model(args.model), "n_per_prompt": args.n_per_prompt, "seed": args.seed,
                 "quick": args.quick}
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
+    if (out := Path(args.output_dir)).exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder")
-    t0 = time.time()
-    rows = []
+    t0, rows = time.time(), []
     setup_logging(out, "toy_table.log")
     log.info("toy_table %s", " ".join(sys.argv[1:]))
     for name in args.methods:

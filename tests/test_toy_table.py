@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -39,7 +38,8 @@ def test_every_row_parses_with_the_script_it_runs(name):
             continue
         args = T.TRAINERS[r["runner"]].parse_args(["--removing_concepts", *r["concepts"]] + T.argv_of(r["flags"]))
         assert args.method == r["runner"] and args.removing_concepts == r["concepts"]
-        assert args.num_train_steps == r["flags"]["num_train_steps"] and args.learning_rate == r["flags"]["learning_rate"]
+        assert args.num_train_steps == r["flags"]["num_train_steps"]
+        assert args.learning_rate == r["flags"]["learning_rate"]
 
 
 def test_quick_scales_steps_and_the_ema_horizon_alike():
@@ -70,7 +70,7 @@ def test_the_script_wants_an_output_folder():
     assert out.returncode == 2 and "usage: bash run_toy_table.sh OUT" in out.stderr
 
 
-def test_quick_table_shape_sd_rate_and_resume(tmp_path):
+def test_quick_table_shape_sd_rate_and_resume(tmp_path, monkeypatch):
     _v2_or_skip()
     out = tmp_path / "table"
     cmd = ["bash", "run_toy_table.sh", str(out), "--quick", "--model", str(MODEL), "--device", "cpu"]
@@ -96,3 +96,8 @@ def test_quick_table_shape_sd_rate_and_resume(tmp_path):
     assert "== " not in again.stdout  # no method was run again
     assert {p: p.stat().st_mtime for p in (out / "results").glob("*.json")} == stamps
     assert pd.read_csv(out / "table.csv").equals(table)
+
+    runner, flags = T.METHODS["SDD"]  # a changed recipe is refused in one line, naming the files to delete
+    monkeypatch.setitem(T.METHODS, "SDD", (runner, {**flags, "num_train_steps": flags["num_train_steps"] + 10}))
+    with pytest.raises(UserError, match=r"sdd.json was made with other settings .* to redo SDD"):
+        T.main(T.parse_args([str(out), "--quick", "--model", str(MODEL), "--methods", "sdd"]))
