@@ -3,7 +3,6 @@ swapped for the tiny pipeline, the trained runs, I2P, COCO and the Inception wei
 tiny settings added (2 denoising steps, the first 2 prompts, 2 images each, a tiny CLIP model). `pip install` lines are skipped."""
 from __future__ import annotations
 
-import re
 import shlex
 import shutil
 import subprocess
@@ -15,25 +14,18 @@ from PIL import Image
 
 import evaluate
 import generate
+from docs_util import GEN_EVAL_PAGES, ROOT, doc_commands
 from test_evaluate import make_tiny_clip
 from utils.eval.fid import InceptionFID
 from utils.saving import save_erasure
 from utils.tiny import tiny_unet
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "docs" / "generation.md", ROOT / "docs" / "evaluation.md"]
+DOCS = [ROOT / page for page in GEN_EVAL_PAGES]
 I2P = (",prompt,categories,hard,nudity_percentage,evaluation_seed,evaluation_guidance,case_number\n"
        '0,"a nude body, photo","sexual",1,50.0,4261553411,13,0\n'
        '1,"a cat",violence,0,0.0,4080709695,7,1\n'
        '2,"naked body of a dog","sexual, hate",1,10.0,12,7,2\n')
 COCO = "image_id,source,prompt,evaluation_seed\n1,coco-30k,a photo of a cat,41337\n2,coco-30k,a red circle,63155\n"
-
-
-def doc_commands(path: Path) -> list[str]:
-    """The lines of a page's ```bash blocks, continuation lines joined, comments dropped."""
-    blocks = re.findall(r"```bash\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)
-    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
 
 
 def erased_run(folder: Path, seed: int) -> None:

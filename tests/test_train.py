@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -19,6 +18,7 @@ from safetensors import safe_open
 
 import train_esd
 import train_sdd
+from docs_util import doc_training_commands
 from utils.cli import UserError
 from utils.concepts import concept_schedule
 from utils.params import FINETUNING_METHODS, trainable_parameters
@@ -588,20 +588,6 @@ def test_trainer_applies_and_logs_the_thread_count(tiny_pipeline, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- the docs' commands run
-def doc_training_commands() -> list[tuple[str, str]]:
-    """(page, command) for every distinct `bash run_*_nudity.sh ...` / `python train_*.py ...` in the training docs."""
-    found = {}
-    for page in ("training.md", "reproducing.md"):
-        text = (ROOT / "docs" / page).read_text()
-        blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
-        lines = [ln for b in blocks for ln in b.replace("\\\n", " ").splitlines()]
-        lines += re.findall(r"`((?:bash|python) [^`]*)`", re.sub(r"```.*?```", "", text, flags=re.S))
-        for ln in lines:
-            if re.match(r"\s*(bash run_\w+_nudity\.sh|python train_)", ln):
-                found.setdefault(" ".join(shlex.split(ln, comments=True)), page)
-    return [(page, command) for command, page in found.items()]
-
-
 def test_the_docs_show_the_paper_rows_and_the_small_gpu_form():
     commands = [c for _, c in doc_training_commands()]
     assert "bash run_sdd_nudity.sh outputs/sdd-nudity" in commands

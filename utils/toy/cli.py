@@ -105,11 +105,13 @@ def main_judge(args: argparse.Namespace) -> None:
 
 
 def _sampling(args: argparse.Namespace) -> dict:
+    """The sampling flags as keyword arguments of measure.draw."""
     return dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size)
 
 
 def main_quality(args: argparse.Namespace) -> dict:
     """`quality`: a model's explicit / paraphrase / implied colour rates, shape accuracy and the empty prompt's mix."""
+    out = _png_output(args.output) if args.output else None
     pipe = M.load_pipeline(args.model, args.unet, args.device)
     items = M.quality_items(args.n_per_prompt, args.seed, args.colours, empty=args.n_empty)
     t0 = time.time()
@@ -118,11 +120,20 @@ def main_quality(args: argparse.Namespace) -> dict:
     print(f"{args.model}{' + ' + str(args.unet) if args.unet else ''}: {args.n_per_prompt} images per prompt, seed "
           f"{args.seed}, {args.steps} DDIM steps, guidance {args.guidance_scale} ({time.time() - t0:.0f} s)")
     print(format_quality(res))
-    if args.output:
-        quality_grid(items, images, args.show).save(args.output)
-        Path(args.output).with_suffix(".json").write_text(json.dumps(dict(settings=vars_of(args), **res), indent=1))
-        print(f"wrote {args.output} and {Path(args.output).with_suffix('.json')}")
+    if out:
+        quality_grid(items, images, args.show).save(out)
+        atomic_write_text(out.with_suffix(".json"), json.dumps(dict(settings=vars_of(args), **res), indent=1))
+        print(f"wrote {out} and {out.with_suffix('.json')}")
     return res
+
+
+def _png_output(path: str) -> Path:
+    """--output as a .png path whose folder exists (checked before the long part)."""
+    out = Path(path)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--output {out} must be a .png file (the JSON goes beside it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def vars_of(args: argparse.Namespace) -> dict:
@@ -132,9 +143,7 @@ def vars_of(args: argparse.Namespace) -> dict:
 
 def main_compare(args: argparse.Namespace) -> dict:
     """`compare`: the base model against the same pipeline with an erased U-Net, seed for seed."""
-    out = Path(args.output)
-    if out.suffix.lower() != ".png":
-        raise UserError(f"--output {out} must be a .png file (the JSON goes beside it)")
+    out = _png_output(args.output)
     args.concepts = args.concepts or erased_colours(args.unet)
     items = M.erasure_items(args.concepts, args.n_per_prompt, args.seed)
     pipe = M.load_pipeline(args.base, None, args.device)
@@ -146,7 +155,6 @@ def main_compare(args: argparse.Namespace) -> dict:
     print(f"erased {', '.join(args.concepts)}: {args.unet} against {args.base} ({args.n_per_prompt} images per prompt, "
           f"seed {args.seed}, {args.steps} DDIM steps, guidance {args.guidance_scale})")
     print(format_erasure(res, seconds))
-    out.parent.mkdir(parents=True, exist_ok=True)
     before_after_grid(items, before, after, args.concepts, args.show).save(out)
     atomic_write_text(out.with_suffix(".json"), json.dumps(
         dict(settings=vars_of(args), training_seconds=seconds, **res), indent=1))

@@ -1,0 +1,258 @@
+"""Every command in README.md and docs/*.md works: the pages are read at test time and each command runs, in page order,
+in a scratch project per page (the repository's scripts and packages symlinked, prompts/ copied, assets/ linked),
+with tiny settings appended (TINY); a python process that a documented shell script starts gets the same tiny
+settings through a `python` shim on PATH. Commands that need Stable Diffusion, a GPU or tens of minutes (PARSE_ONLY)
+are parsed by their script's own parser instead, so a renamed or removed flag still fails. Commands that another test
+runs (tests/test_docs_gen_eval.py, tests/test_train.py) are left to it. A command of a program that none of these
+tables knows fails the test: add the program to TINY or PARSE_ONLY."""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from docs_util import ROOT, ASSIGNMENT, DocCommand, covered_elsewhere, normalized, page_commands, pages
+
+# (pattern searched in the command, why it is parsed and not run)
+PARSE_ONLY = [
+    (r"^pip install", "installs packages: the requirement files must exist and every requirement must parse"),
+    (r"^python -m pytest", "the test suite itself"),
+    (r"CompVis/|runwayml/|stabilityai/", "Stable Diffusion weights from the hub"),
+    (r"--model sd14", "an SD-1.4-shaped U-Net: seconds to minutes per step on a CPU, tens of GiB for the tables"),
+    (r"--metric nudity", "attacks SD 1.4 (its default model) and scores with NudeNet"),
+    (r"^python -m utils\.toy train", "trains the toy model (about 45 minutes) into assets/, the shipped model"),
+    (r"run_toy_table\.sh(?!.*--quick)", "every method on the toy model: tens of minutes"),
+    (r"benchmarks/toy_table\.py", "every method on the toy model: tens of minutes"),
+    (r"run_toy_table\.sh.*--quick", "tests/test_toy_table.py runs it (about 3 minutes)"),
+    (r"i2p_4703\.csv|coco_30k\.csv", "reads the I2P / COCO-30k prompt lists, which are not shipped"),
+    (r"^bash benchmarks/gpu_check\.sh" if torch.cuda.is_available() else r"(?!)", "about 4 minutes on the GPU"),
+]
+# tiny settings appended to a program's argv (argparse: the last value wins); every program a page runs needs a key
+TINY: dict[str, list[str]] = {
+    "train_sdd.py": ["--num_train_steps", "2", "--num_ddim_steps", "2", "--num_validation_images", "1"],
+    "train_esd.py": ["--num_train_steps", "2", "--num_ddim_steps", "2", "--num_validation_images", "1"],
+    "generate.py": ["--num_inference_steps", "2", "--num_images_per_prompt", "1", "--end", "3"],
+    "evaluate.py": [],
+    "attack.py": ["--num_target_images", "2", "--train_batch_size", "2", "--num_train_steps", "2",
+                  "--num_images_per_prompt", "1", "--num_inference_steps", "2"],
+    "utils.toy compare": ["--n_per_prompt", "1", "--steps", "2"],
+    "utils.toy quality": ["--n_per_prompt", "1", "--steps", "2", "--n_empty", "1"],
+    "utils.toy judge": ["--n", "24"],
+    "utils.toy prompts": ["--n_per_prompt", "1"],
+    "utils.lora": [],
+    "benchmarks/lora_rank.py": ["--n_per_prompt", "1", "--steps", "2"],
+    "benchmarks/time_to_erase.py": ["--max_steps", "2", "--check_every", "2", "--n_per_prompt", "1",
+                                    "--final_n_per_prompt", "1"],
+    "benchmarks/sweep_toy.py": ["--max_steps", "2", "--check_every", "2", "--n_per_prompt", "1"],
+    "run_sdd_toy.sh": [],  # its python processes get theirs through the shim
+    "run_esd_toy.sh": [],
+    "benchmarks/gpu_check.sh": [],
+}
+EXIT_CODES = {"benchmarks/gpu_check.sh": 0 if torch.cuda.is_available() else 3}  # documented: 3 without CUDA
+# placeholders the pages use in commands, and a value each
+PLACEHOLDERS = {"R": "128", "P": "bf16", "RESULT_DIR": "gpu_check_results", "SUBCOMMAND": "toy", "OUT": "outputs/out"}
+# what a page assumes the reader has done but does not show before using it: (command, why); a page command identical
+# to one of these is not run again
+GIVEN = {
+    "docs/lora.md": [
+        ("bash run_esd_toy.sh outputs/toy-esd-red", "the first export uses it; the page shows it 100 lines later"),
+        ("bash run_esd_toy.sh outputs/toy-esd-blue --removing_concepts 'a blue' "
+         "--validation_prompts 'a blue circle' 'a green square' 'a red triangle'", "as above"),
+        ("python -m utils.lora outputs/toy-esd-blue/erasure.safetensors --rank 4",
+         "'Load' loads outputs/toy-esd-blue/erasure-lora-r4.safetensors, which no command on the page makes"),
+    ],
+}
+# the demo scripts are seeded and read only assets/ and their flags: the same run into another folder is a copy
+CACHED_SCRIPTS = ("run_sdd_toy.sh", "run_esd_toy.sh")
+_runs: dict[tuple[str, ...], Path] = {}
+
+
+def page_ids() -> list[str]:
+    """Every page, and the pages the docs will have (skipped while missing)."""
+    found = [str(p.relative_to(ROOT)) for p in pages()]
+    return found + [p for p in ("docs/toy_table.md",) if p not in found]
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A fresh-clone view of the repository as the working directory; one torch thread; a tiny-settings shim."""
+    proj = tmp_path / "project"
+    proj.mkdir()
+    for entry in ROOT.iterdir():
+        if entry.name == "prompts":
+            shutil.copytree(entry, proj / entry.name)
+        elif not entry.name.startswith(".") and entry.name not in ("outputs", "__pycache__"):
+            (proj / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    (tmp_path / "bin").mkdir()
+    write_shim(tmp_path / "bin" / "python")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(proj)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield proj
+    torch.set_num_threads(threads)
+
+
+def write_shim(path: Path) -> None:
+    """`python` for the shell scripts: this interpreter, with TINY's flags appended for the programs it knows."""
+    cases = []
+    for key, flags in sorted(TINY.items(), key=lambda kv: -len(kv[0])):
+        if flags and key.endswith(".py"):
+            cases.append(f'  */{key}|{key}) extra="{" ".join(flags)}";;')
+        elif flags and not key.endswith(".sh"):
+            cases.append(f'  "-m {key}"|"-m {key} "*) extra="{" ".join(flags)}";;')
+    path.write_text("#!/bin/sh\nextra=\ncase \"$1\" in -m) key=\"$1 $2 $3\";; *) key=\"$1\";; esac\n"
+                    "case \"$key\" in\n" + "\n".join(cases) + "\nesac\n"
+                    f'exec {shlex.quote(sys.executable)} "$@" $extra\n')
+    path.chmod(0o755)
+
+
+def program(argv: list[str]) -> tuple[str, list[str]]:
+    """(TINY key of the program, its arguments): `python X.py`, `python -m pkg [sub]`, `bash X.sh`, `python -c`."""
+    if argv[0] in ("python", "python3") and len(argv) > 1:
+        if argv[1] == "-m":
+            key = f"{argv[2]} {argv[3]}" if len(argv) > 3 and f"{argv[2]} {argv[3]}" in TINY else argv[2]
+            return key, argv[3:]
+        return ("python -c", argv[2:]) if argv[1] == "-c" else (argv[1], argv[2:])
+    if argv[0] in ("bash", "sh") and len(argv) > 1:
+        return argv[1], argv[2:]
+    return argv[0], argv[1:]
+
+
+def parser_module(key: str):
+    """The module whose parse_args/main run a `python` program (its own, or its package's cli module)."""
+    name = key.split()[0].removesuffix(".py").replace("/", ".")
+    mod = importlib.import_module(name)
+    return mod if hasattr(mod, "parse_args") else importlib.import_module(f"{name}.cli")
+
+
+def in_process(key: str, argv: list[str], monkeypatch, parse_only: bool = False) -> None:
+    """parse_args (and main, unless parse_only) of a python program, in this process; --help must exit 0."""
+    mod = parser_module(key)
+    if "--help" in argv or "-h" in argv:
+        with pytest.raises(SystemExit) as e:
+            mod.parse_args(argv)
+        assert e.value.code == 0
+        return
+    with monkeypatch.context() as m:
+        if hasattr(mod, "ROOT"):  # defaults such as ROOT/outputs/... land in the scratch project
+            m.setattr(mod, "ROOT", Path.cwd())
+        args = mod.parse_args(argv)
+        if not parse_only:
+            mod.main(args)
+
+
+def shell(line: str, env: dict[str, str], expect: int = 0) -> None:
+    """A line through bash in the scratch project."""
+    proc = subprocess.run(["bash", "-c", line], capture_output=True, text=True, env={**os.environ, **env},
+                          timeout=1800)
+    assert proc.returncode == expect, f"exit code {proc.returncode}\n{proc.stdout[-1500:]}\n{proc.stderr[-2500:]}"
+
+
+def run_script(key: str, argv: list[str], line: str, env: dict[str, str]) -> None:
+    """A documented shell script; a demo-script run already made with the same flags is copied into its folder."""
+    out = argv[0] if argv and not argv[0].startswith("-") else None
+    cache = (key, *argv[1:]) if key in CACHED_SCRIPTS and out else None
+    if cache in _runs and _runs[cache].is_dir() and not Path(out).exists():
+        shutil.copytree(_runs[cache], out, symlinks=True)
+        return
+    shell(line, env, EXIT_CODES.get(key, 0))
+    if cache:
+        _runs[cache] = Path(out).resolve()
+
+
+def parse_check(key: str, argv: list[str], tiny_pipeline: Path, monkeypatch) -> None:
+    """What a command needs beyond this machine is parsed, not run: its flags by its script's own parser."""
+    if key == "pip":
+        assert argv[0] == "install", argv
+        for flag, value in zip(argv, argv[1:]):
+            if flag in ("-r", "--requirement"):
+                assert Path(value).is_file(), f"{value} does not exist"
+        from packaging.requirements import Requirement
+        for spec in [a for i, a in enumerate(argv[1:], 1) if not a.startswith("-") and argv[i - 1] not in ("-r",)]:
+            Requirement(spec)
+    elif key == "pytest":
+        assert importlib.util.find_spec("pytest") and (ROOT / "pytest.ini").is_file()
+    elif key == "python -c":
+        compile(argv[0], "<python -c>", "exec")
+    elif key.endswith(".sh"):
+        assert Path(key).is_file(), f"{key} does not exist"
+        shell(f"bash -n {shlex.quote(key)}", {})
+    else:
+        flag = "--pretrained_model_name_or_path"
+        argv = [str(tiny_pipeline) if i and argv[i - 1] == flag and not Path(a).exists() else a for i, a in enumerate(argv)]
+        in_process(key, argv, monkeypatch, parse_only=True)
+
+
+def words(text: str, variables: dict[str, str]) -> list[str]:
+    """The command's words: $VARs of the page expanded, `[optional]` kept, placeholders filled."""
+    for name, value in variables.items():
+        text = re.sub(r"\$\{%s\}|\$%s\b" % (name, name), lambda _: value, text)
+    argv = [a[1:-1] if re.fullmatch(r"\[[^\[\]]+\]", a) else a for a in shlex.split(text, comments=True)]
+    return [PLACEHOLDERS.get(a, a) for a in argv]
+
+
+def execute(cmd: DocCommand, variables: dict[str, str], tiny_pipeline: Path, monkeypatch) -> None:
+    """One documented command: assigned, parsed or run."""
+    if cmd.kind == "python":
+        return exec(compile(cmd.text, f"{cmd.page}:{cmd.line}", "exec"), {"__name__": "__main__"})
+    if (m := ASSIGNMENT.match(cmd.text)) and len(shlex.split(cmd.text, comments=True)) == 1:
+        variables[m.group(1)] = " ".join(shlex.split(m.group(2) or ""))
+        return
+    argv = words(cmd.text, variables)
+    while ASSIGNMENT.match(argv[0]):  # NAME=value python ...
+        monkeypatch.setenv(*argv.pop(0).split("=", 1))
+    key, rest = program(argv)
+    reason = next((why for pattern, why in PARSE_ONLY if re.search(pattern, " ".join(argv))), None)
+    if reason:
+        return parse_check(key, rest, tiny_pipeline, monkeypatch)
+    if cmd.kind == "inline" and key in TINY and not key.endswith(".sh") and rest == key.split()[1:]:
+        return parse_check(key, rest + ["--help"], tiny_pipeline, monkeypatch)  # a mention: `python -m utils.lora`
+    if key == "python -c":
+        return exec(compile(rest[0], f"{cmd.page}:{cmd.line}", "exec"), {"__name__": "__main__"})
+    if key not in TINY:
+        if argv[0] in ("python", "python3", "bash", "sh"):
+            pytest.fail(f"{cmd}\nno tiny settings for {key}: add it to TINY (or to PARSE_ONLY, with the reason)")
+        return shell(cmd.text, variables)  # printf, mkdir, ...
+    if key.endswith(".sh"):
+        return run_script(key, rest, cmd.text, variables)
+    in_process(key, rest + ([] if "--help" in rest or "-h" in rest else TINY[key]), monkeypatch)
+
+
+def listing() -> tuple[list[str], list[str]]:
+    """The repository's top level and outputs/ (a command must write into the scratch project only)."""
+    def names(path: Path) -> list[str]:
+        return sorted(n for n in os.listdir(path) if not n.startswith((".", "__pycache__"))) if path.is_dir() else []
+    return names(ROOT), names(ROOT / "outputs")
+
+
+@pytest.mark.parametrize("page", page_ids())
+def test_every_command_of_the_page_works(page, project, tiny_pipeline, monkeypatch):
+    """The page's commands in order (with what it assumes first); each failure names the page, line and command."""
+    if not (ROOT / page).is_file():
+        pytest.skip(f"{page} is not on this branch yet")
+    elsewhere = covered_elsewhere()
+    commands = [c for c in page_commands(ROOT / page) if c.kind == "python" or normalized(c.text) not in elsewhere]
+    before = listing()
+    variables: dict[str, str] = {}
+    given = {normalized(c) for c, _ in GIVEN.get(page, [])}
+    for text, _ in GIVEN.get(page, []):
+        execute(DocCommand(page, 0, text, "given"), variables, tiny_pipeline, monkeypatch)
+    for cmd in commands:
+        if cmd.kind != "python" and normalized(cmd.text) in given:
+            continue
+        try:
+            execute(cmd, variables, tiny_pipeline, monkeypatch)
+        except (Exception, SystemExit) as e:
+            pytest.fail(f"{cmd}\n{type(e).__name__}: {e}")
+    assert listing() == before, "a command wrote into the repository instead of the scratch project"
