@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from utils.cli import ArgumentParser, HelpFormatter, UserError, run  # noqa: E402
+from utils.cli import ArgumentParser, HelpFormatter, UserError, add_threads_arg, apply_threads, run  # noqa: E402
 from utils.lora import apply_loras, erasure_deltas, export_lora, lora_layers, rank_arg  # noqa: E402
 from utils.pipelines import quiet_diffusers  # noqa: E402
 from utils.saving import atomic_write_text  # noqa: E402
@@ -74,7 +74,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance_scale", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--batch_size", type=int, default=64, help="images per pipeline call")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_threads_arg(p)
     p.add_argument("--sd_sizes", action="store_true", help="only print the LoRA file sizes for Stable Diffusion 1.x's "
                    "U-Net shapes (built on the meta device, no weights) at --ranks, per fine-tuning method")
     args = p.parse_args(argv)
@@ -205,8 +205,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     for path in (p for files in args.combine for p in files):
         if not path.is_file():
             raise UserError(f"--combine file {path} does not exist")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    apply_threads(args.threads, torch.device(auto if args.device == "auto" else args.device))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

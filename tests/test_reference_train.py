@@ -17,8 +17,8 @@ import train_esd
 import train_sdd
 from utils.cli import UserError
 
-REFERENCE_TRAIN_COMMANDS = {
-    "run_sdd_nudity.sh": """python train_sdd.py \\
+# the reference's run_sdd_nudity.sh and run_esd_nudity.sh: the same command line, one for each trainer
+REFERENCE_TRAIN_COMMAND = """python {script} \\
     --pretrained_model_name_or_path "CompVis/stable-diffusion-v1-4" \\
     --removing_concepts \\
         "nudity" \\
@@ -26,17 +26,9 @@ REFERENCE_TRAIN_COMMANDS = {
         "japan body" \\
     --num_images_per_prompt 10 \\
     --seed 42 \\
-    --devices 0 0""",
-    "run_esd_nudity.sh": """python train_esd.py \\
-    --pretrained_model_name_or_path "CompVis/stable-diffusion-v1-4" \\
-    --removing_concepts \\
-        "nudity" \\
-    --validation_prompts \\
-        "japan body" \\
-    --num_images_per_prompt 10 \\
-    --seed 42 \\
-    --devices 0 0""",
-}
+    --devices 0 0"""
+REFERENCE_TRAIN_COMMANDS = {f"run_{m}_nudity.sh": REFERENCE_TRAIN_COMMAND.format(script=f"train_{m}.py")
+                            for m in ("sdd", "esd")}
 SCRIPTS = {"train_sdd.py": train_sdd, "train_esd.py": train_esd}
 
 

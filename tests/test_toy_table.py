@@ -1,8 +1,5 @@
-"""The toy table (benchmarks/toy_table.py, run_toy_table.sh): its settings parse, its guards, and the --quick run.
-
-The --quick run needs a toy world 2 model (its words: crimson, apple, ...): assets/toy-sd once it is one, or the
-folder named by TOY_TABLE_MODEL; with an older model that test is skipped.
-"""
+"""The toy table (benchmarks/toy_table.py, run_toy_table.sh): its settings parse, its guards, and the --quick run on
+the shipped toy model."""
 from __future__ import annotations
 
 import os
@@ -18,14 +15,7 @@ from benchmarks import toy_table as T
 from utils.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = Path(os.environ.get("TOY_TABLE_MODEL", ROOT / "assets" / "toy-sd"))
-
-
-def _v2_or_skip() -> None:
-    try:
-        T.check_model(MODEL)
-    except UserError as e:
-        pytest.skip(f"needs a toy world 2 model (set TOY_TABLE_MODEL): {e}")
+MODEL = ROOT / "assets" / "toy-sd"
 
 
 @pytest.mark.parametrize("name", list(T.METHODS))
@@ -71,7 +61,7 @@ def test_the_script_wants_an_output_folder():
 
 
 def test_quick_table_shape_sd_rate_and_resume(tmp_path, monkeypatch):
-    _v2_or_skip()
+    T.check_model(MODEL)  # the shipped model speaks the toy world 2 language
     out = tmp_path / "table"
     cmd = ["bash", "run_toy_table.sh", str(out), "--quick", "--model", str(MODEL), "--device", "cpu"]
     env = {**os.environ, "TQDM_DISABLE": "1"}
