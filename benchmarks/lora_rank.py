@@ -9,9 +9,9 @@ size, the erased colours' explicit / paraphrase / implied rates and the other co
 against the base model (utils.toy.measure.erasure), shape accuracy, and the largest change of a rate against the full
 erasure (points). The erased colours are read from the erasure files' concepts. The table (markdown) and JSON go to --output_dir, with the LoRA files.
 
-    python benchmarks/lora_rank.py --erasures esd=outputs/toy-esd-red/erasure.safetensors \\
-        sdd=outputs/toy-sdd-red/erasure.safetensors --ranks 1 2 4 8 full \\
-        --combine outputs/toy-esd-red/erasure.safetensors outputs/toy-esd-blue/erasure.safetensors --threads 1
+    python benchmarks/lora_rank.py --erasures esd=outputs/toy-esd/erasure.safetensors \\
+        sdd=outputs/toy-sdd/erasure.safetensors --ranks 1 2 4 8 full \\
+        --combine outputs/toy-esd/erasure.safetensors outputs/toy-esd-blue/erasure.safetensors --threads 1
 """
 from __future__ import annotations
 
