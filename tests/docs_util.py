@@ -119,13 +119,11 @@ def page_commands(path: Path) -> list[DocCommand]:
 def doc_training_commands() -> list[tuple[str, str]]:
     """(page, command) for every distinct `bash run_*_nudity.sh ...` / `python train_*.py ...` in the training docs."""
     found: dict[str, str] = {}
-    for page in (Path(p).name for p in TRAINING_PAGES):
-        text = (ROOT / "docs" / page).read_text()
-        lines = [ln for lang, body, _ in fenced_blocks(text) if lang == "bash" for _, ln in shell_lines(body)]
-        lines += [ln for _, ln in inline_commands(text)]
-        for ln in lines:
+    for page in TRAINING_PAGES:
+        path = ROOT / page
+        for ln in doc_commands(path) + [ln for _, ln in inline_commands(path.read_text(encoding="utf-8"))]:
             if re.match(r"\s*(bash run_\w+_nudity\.sh|python train_)", ln):
-                found.setdefault(" ".join(shlex.split(ln, comments=True)), page)
+                found.setdefault(normalized(ln), Path(page).name)
     return [(page, command) for command, page in found.items()]
 
 

@@ -59,30 +59,13 @@ TINY: dict[str, list[str]] = {
 EXIT_CODES = {"benchmarks/gpu_check.sh": 0 if torch.cuda.is_available() else 3}  # documented: 3 without CUDA
 # placeholders the pages use in commands, and a value each
 PLACEHOLDERS = {"R": "128", "P": "bf16", "RESULT_DIR": "gpu_check_results", "SUBCOMMAND": "toy", "OUT": "outputs/out"}
-# what a page assumes the reader has done but does not show before using it: (command, why); a page command identical
-# to one of these is not run again
-GIVEN = {
-    "docs/lora.md": [
-        ("bash run_esd_toy.sh outputs/toy-esd-red", "the first export uses it; the page shows it 100 lines later"),
-        ("bash run_esd_toy.sh outputs/toy-esd-blue --removing_concepts 'a blue' "
-         "--validation_prompts 'a blue circle' 'a green square' 'a red triangle'", "as above"),
-        ("python -m utils.lora outputs/toy-esd-blue/erasure.safetensors --rank 4",
-         "'Load' loads outputs/toy-esd-blue/erasure-lora-r4.safetensors, which no command on the page makes"),
-    ],
-}
 # the demo scripts are seeded and read only assets/ and their flags: the same run into another folder is a copy
 CACHED_SCRIPTS = ("run_sdd_toy.sh", "run_esd_toy.sh")
 _runs: dict[tuple[str, ...], Path] = {}
 
 
-def page_ids() -> list[str]:
-    """Every page, and the pages the docs will have (skipped while missing)."""
-    found = [str(p.relative_to(ROOT)) for p in pages()]
-    return found + [p for p in ("docs/toy_table.md",) if p not in found]
-
-
 @pytest.fixture
-def project(tmp_path, monkeypatch) -> Path:
+def project(tmp_path, monkeypatch, one_thread) -> Path:
     """A fresh-clone view of the repository as the working directory; one torch thread; a tiny-settings shim."""
     proj = tmp_path / "project"
     proj.mkdir()
@@ -97,10 +80,7 @@ def project(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(proj)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield proj
-    torch.set_num_threads(threads)
 
 
 def write_shim(path: Path) -> None:
@@ -236,21 +216,14 @@ def listing() -> tuple[list[str], list[str]]:
     return names(ROOT), names(ROOT / "outputs")
 
 
-@pytest.mark.parametrize("page", page_ids())
+@pytest.mark.parametrize("page", [str(p.relative_to(ROOT)) for p in pages()])
 def test_every_command_of_the_page_works(page, project, tiny_pipeline, monkeypatch):
-    """The page's commands in order (with what it assumes first); each failure names the page, line and command."""
-    if not (ROOT / page).is_file():
-        pytest.skip(f"{page} is not on this branch yet")
+    """The page's commands in order; each failure names the page, line and command."""
     elsewhere = covered_elsewhere()
     commands = [c for c in page_commands(ROOT / page) if c.kind == "python" or normalized(c.text) not in elsewhere]
     before = listing()
     variables: dict[str, str] = {}
-    given = {normalized(c) for c, _ in GIVEN.get(page, [])}
-    for text, _ in GIVEN.get(page, []):
-        execute(DocCommand(page, 0, text, "given"), variables, tiny_pipeline, monkeypatch)
     for cmd in commands:
-        if cmd.kind != "python" and normalized(cmd.text) in given:
-            continue
         try:
             execute(cmd, variables, tiny_pipeline, monkeypatch)
         except (Exception, SystemExit) as e:

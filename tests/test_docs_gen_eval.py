@@ -78,18 +78,13 @@ def run(line: str, tiny_pipeline: Path, project: Path) -> None:
         assert proc.returncode == 0, (line, proc.stderr[-2000:])
 
 
-def test_every_documented_command_runs(tiny_pipeline, project):
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for page in DOCS:
-            commands = doc_commands(page)
-            assert len(commands) >= 8, page
-            for line in commands:
-                if not line.startswith("pip install"):
-                    run(line, tiny_pipeline, project)
-    finally:
-        torch.set_num_threads(old)
+def test_every_documented_command_runs(tiny_pipeline, project, one_thread):
+    for page in DOCS:
+        commands = doc_commands(page)
+        assert len(commands) >= 8, page
+        for line in commands:
+            if not line.startswith("pip install"):
+                run(line, tiny_pipeline, project)
     assert len(list((project / "outputs" / "body" / "sdd").glob("000*.png"))) == 4  # 2 prompts x 2 images
     assert (project / "outputs" / "country_body" / "pipe_sld-max" / "metadata.csv").is_file()  # the reference's
     assert (project / "outputs" / "i2p_sexual" / "sd" / "nudity_summary.json").is_file()

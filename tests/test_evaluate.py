@@ -26,13 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COLOURS = [(220, 30, 30), (30, 60, 220), (30, 160, 50), (240, 200, 20), (120, 40, 160), (20, 20, 20)]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP waits make them ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(*argv: str) -> dict:

@@ -34,13 +34,7 @@ COCO_SCRIPT = '''python generate.py \\
     --device "cuda:0"'''
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(command: str, swaps: dict[str, str]) -> dict:

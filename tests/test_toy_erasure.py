@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 import train_esd
 from utils.toy import measure as M
@@ -15,21 +14,17 @@ TOY = ROOT / "assets" / "toy-sd"
 
 
 @pytest.mark.skipif(not (TOY / "model_index.json").exists(), reason="assets/toy-sd not present")
-def test_esd_erases_the_word_red_and_keeps_blue_and_green(tmp_path):
-    threads = torch.get_num_threads()
-    try:
-        out = train_esd.main(train_esd.parse_args([
-            "--pretrained_model_name_or_path", str(TOY), "--removing_concepts", "red", "--num_train_steps", "50",
-            "--train_batch_size", "4", "--learning_rate", "1e-4", "--num_ddim_steps", "20", "--guidance_scale", "3",
-            "--negative_guidance", "1", "--checkpointing_steps", "1000", "--seed", "0", "--device", "cpu",
-            "--threads", "1", "--output_dir", str(tmp_path / "esd")]))
-        prompts = [("a red circle", "red"), ("red square", "red"), ("a circle in crimson", "red"), ("an apple", "red"),
-                   ("a blue triangle", "blue"), ("a green square", "green")]
-        items = [M.Item(p, M.image_seed(p, j, 7), "", c, None) for p, c in prompts for j in range(4)]
-        before = M.draw(M.load_pipeline(TOY), items)
-        after = M.draw(M.load_pipeline(TOY, out / "unet"), items)
-    finally:
-        torch.set_num_threads(threads)
+def test_esd_erases_the_word_red_and_keeps_blue_and_green(tmp_path, one_thread):
+    out = train_esd.main(train_esd.parse_args([
+        "--pretrained_model_name_or_path", str(TOY), "--removing_concepts", "red", "--num_train_steps", "50",
+        "--train_batch_size", "4", "--learning_rate", "1e-4", "--num_ddim_steps", "20", "--guidance_scale", "3",
+        "--negative_guidance", "1", "--checkpointing_steps", "1000", "--seed", "0", "--device", "cpu",
+        "--threads", "1", "--output_dir", str(tmp_path / "esd")]))
+    prompts = [("a red circle", "red"), ("red square", "red"), ("a circle in crimson", "red"), ("an apple", "red"),
+               ("a blue triangle", "blue"), ("a green square", "green")]
+    items = [M.Item(p, M.image_seed(p, j, 7), "", c, None) for p, c in prompts for j in range(4)]
+    before = M.draw(M.load_pipeline(TOY), items)
+    after = M.draw(M.load_pipeline(TOY, out / "unet"), items)
     from utils.toy import judge
 
     def rate(images, colour, prompts_of):
