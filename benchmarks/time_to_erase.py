@@ -219,7 +219,7 @@ def format_table(rows: list[dict], base: dict, header: str, concept: str) -> str
              "| run | M | R | batch | steps to erase | train s to erase | s/step | time vs reference | "
              + " | ".join(f"{c} %" for c in colours) + " | shape % |",
              "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(colours) + 1)]
-    lines.append(f"| base model | | | | | | | | " + " | ".join(f"{100 * base['colour_rate'][c]:.1f}" for c in colours)
+    lines.append("| base model | | | | | | | | " + " | ".join(f"{100 * base['colour_rate'][c]:.1f}" for c in colours)
                  + f" | {100 * base['shape_acc']:.1f} |")
     for r in rows:
         q = r["final"]

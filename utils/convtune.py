@@ -14,7 +14,6 @@ import time
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger("sdd")
 _CHOICE: dict[tuple, bool] = {}  # conv signature -> use oneDNN (shared by every module in the process)

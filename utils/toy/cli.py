@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from utils.cli import ArgumentParser, HelpFormatter, UserError, add_threads_arg, apply_threads, run
-from utils.saving import atomic_write_text
+from utils.eval.common import write_json, write_png
 from utils.toy import measure as M
 from utils.toy.grids import before_after_grid, quality_grid
 from utils.toy.judge import judge
@@ -121,8 +121,8 @@ def main_quality(args: argparse.Namespace) -> dict:
           f"{args.seed}, {args.steps} DDIM steps, guidance {args.guidance_scale} ({time.time() - t0:.0f} s)")
     print(format_quality(res))
     if out:
-        quality_grid(items, images, args.show).save(out)
-        atomic_write_text(out.with_suffix(".json"), json.dumps(dict(settings=vars_of(args), **res), indent=1))
+        write_png(out, quality_grid(items, images, args.show))
+        write_json(out.with_suffix(".json"), dict(settings=vars_of(args), **res))
         print(f"wrote {out} and {out.with_suffix('.json')}")
     return res
 
@@ -155,9 +155,8 @@ def main_compare(args: argparse.Namespace) -> dict:
     print(f"erased {', '.join(args.concepts)}: {args.unet} against {args.base} ({args.n_per_prompt} images per prompt, "
           f"seed {args.seed}, {args.steps} DDIM steps, guidance {args.guidance_scale})")
     print(format_erasure(res, seconds))
-    before_after_grid(items, before, after, args.concepts, args.show).save(out)
-    atomic_write_text(out.with_suffix(".json"), json.dumps(
-        dict(settings=vars_of(args), training_seconds=seconds, **res), indent=1))
+    write_png(out, before_after_grid(items, before, after, args.concepts, args.show))
+    write_json(out.with_suffix(".json"), dict(settings=vars_of(args), training_seconds=seconds, **res))
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return res
 

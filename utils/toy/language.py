@@ -15,7 +15,6 @@ explicit (the colour named in trained phrasings), paraphrase (held-out phrasings
 from __future__ import annotations
 
 import re
-from typing import Sequence
 
 import numpy as np
 
@@ -143,9 +142,14 @@ def prompt_sets(colour: str) -> dict[str, list[tuple[str, str | None]]]:
 _WORD_TO_COLOUR = {w: c for c, ws in COLOUR_WORDS.items() for w in ws}
 
 
+def prompt_words(prompt: str) -> list[str]:
+    """A prompt's words, lower-case, without the punctuation around them."""
+    return [w.strip(".,;:!?\"'()") for w in prompt.lower().split()]
+
+
 def parse_prompt(prompt: str) -> tuple[str | None, str | None]:
     """The (colour, shape) a prompt asks for, through colour words or an object; None for what it leaves open."""
-    words = [w.strip(".,;:!?\"'()") for w in prompt.lower().split()]
+    words = prompt_words(prompt)
     colour = next((_WORD_TO_COLOUR[w] for w in words if w in _WORD_TO_COLOUR), None)
     shape = next((w for w in words if w in SHAPES), None)
     obj = next((w for w in words if w in OBJECTS), None)
@@ -153,7 +157,3 @@ def parse_prompt(prompt: str) -> tuple[str | None, str | None]:
         colour, shape = colour or OBJECTS[obj][0], shape or OBJECTS[obj][1]
     return colour, shape
 
-
-def colour_words(colours: Sequence[str]) -> list[str]:
-    """All the words of the given colours."""
-    return [w for c in colours for w in COLOUR_WORDS[c]]

@@ -11,10 +11,10 @@ draws the same latents from a CSV of these items (`write_items`), so in-process 
 from __future__ import annotations
 
 import csv
+import io
 import os
 import zlib
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -23,9 +23,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from utils.cli import UserError, resolve_device
+from utils.saving import atomic_write_text
 from utils.toy.judge import OTHER, judge, preserved
 from utils.toy.language import (COLOUR_WORDS, COLOURS, OBJECT_TEMPLATES, OBJECTS, SHAPES, TEMPLATES, fill, objects_of,
-                                parse_prompt, prompt_sets)
+                                parse_prompt, prompt_sets, prompt_words)
 from utils.toy.train import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 # each erasable colour's neighbour: the colour nearest to it, which an erasure must leave alone
@@ -101,14 +102,11 @@ def quality_items(n: int = 20, seed: int = 0, colours: Sequence[str] | None = No
 
 def write_items(items: Sequence[Item], path: str | os.PathLike) -> None:
     """The items as a generate.py prompt file: one row per image (prompt, evaluation_seed, group, colour, shape)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["prompt", "evaluation_seed", "group", "asked_colour", "asked_shape"])
-        w.writerows([it.prompt, it.seed, it.group, it.colour or "", it.shape or ""] for it in items)
-    os.replace(tmp, path)
+    text = io.StringIO()
+    w = csv.writer(text, lineterminator="\n")
+    w.writerow(["prompt", "evaluation_seed", "group", "asked_colour", "asked_shape"])
+    w.writerows([it.prompt, it.seed, it.group, it.colour or "", it.shape or ""] for it in items)
+    atomic_write_text(path, text.getvalue())
 
 
 def items_from_records(records: Sequence[dict]) -> list[Item]:
@@ -124,12 +122,12 @@ def item_for_prompt(prompt: str, seed: int) -> Item:
     """What a free-form prompt measures: empty, paraphrase (a held-out phrasing), implied (an object), explicit
     (a colour word) or other, with the colour and shape it asks for."""
     colour, shape = parse_prompt(prompt)
-    words = set(prompt.lower().split())
-    if not prompt.strip():
+    words = prompt_words(prompt)
+    if not words:
         group = "empty"
-    elif colour and any(prompt.strip().lower() == p for p, _ in prompt_sets(colour)["paraphrase"]):
+    elif colour and any(" ".join(words) == p for p, _ in prompt_sets(colour)["paraphrase"]):
         group = "paraphrase"
-    elif words & set(OBJECTS) and not words & set(_COLOUR_WORDS):
+    elif set(words) & set(OBJECTS) and not set(words) & _COLOUR_WORDS:
         group = "implied"
     else:
         group = "explicit" if colour else "other"
@@ -218,7 +216,3 @@ def erasure(items: Sequence[Item], before: Sequence[Image.Image], after: Sequenc
     res["shape_acc_after"] = _rate([va[i][1] == items[i].shape for i in shaped])
     return res
 
-
-def items_json(items: Sequence[Item]) -> list[dict]:
-    """Items as plain dicts (for JSON)."""
-    return [asdict(it) for it in items]

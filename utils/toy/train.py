@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.cli import setup_logging
+from utils.saving import atomic_write_text
 from utils.toy.judge import judge
 from utils.toy.language import COLOURS, SHAPES, caption_distribution, vocabulary
 from utils.toy.render import RESOLUTION, make_dataset
@@ -29,7 +30,6 @@ from utils.toy.render import RESOLUTION, make_dataset
 MODEL_MAX_LENGTH = 16
 DEFAULT_GUIDANCE = 5.0
 DEFAULT_STEPS = 20
-SAMPLING_DEFAULTS = "sampling_defaults.json"  # generate.py reads a model folder's recommended sampling settings
 
 
 def build_models(tokenizer, seed: int = 0):
@@ -190,7 +190,7 @@ def train_unet(text_encoder, unet, tokenizer, means: torch.Tensor, stds: torch.T
 
 def train(args: argparse.Namespace) -> Path:
     """Render the data set, train VAE then U-Net + text encoder, save the pipeline to args.output_dir."""
-    from utils.pipelines import StableDiffusionPipeline  # imported without transformers' notices
+    from utils.pipelines import SAMPLING_DEFAULTS, StableDiffusionPipeline  # imported without transformers' notices
 
     out = Path(args.output_dir)
     ckpt_dir = out / "checkpoints"
@@ -222,7 +222,7 @@ def train(args: argparse.Namespace) -> Path:
                                    scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
-    (out / SAMPLING_DEFAULTS).write_text(json.dumps(
+    atomic_write_text(out / SAMPLING_DEFAULTS, json.dumps(  # what generate.py samples this model with by default
         {"num_inference_steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE}, indent=1) + "\n")
     if not args.keep_checkpoints:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
