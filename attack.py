@@ -32,15 +32,16 @@ from typing import Sequence
 import torch
 
 import generate
-from utils.attack import (DEFAULT_TEMPLATES, EMBEDDING_FILE, add_placeholder_tokens, concept_token_ids,
-                          default_placeholder, fill, load_targets, placeholder_tokens, prepare, read_templates,
+from utils.attack import (DEFAULT_TEMPLATES, EMBEDDING_FILE, add_placeholder_tokens, attack_identity,
+                          concept_token_ids, default_placeholder, fill, load_targets, placeholder_tokens, prepare, read_templates,
                           save_embedding, train_embedding)
 from utils.attack_score import METRICS, attack_grid, check_metric, concept_rate
-from utils.cli import DTYPES, ArgumentParser, HelpFormatter, UserError, resolve_device, run, setup_logging
+from utils.cli import (DTYPES, ArgumentParser, HelpFormatter, UserError, log_kept, resolve_device, run,
+                       setup_logging)
 from utils.eval.common import load_image_folder
 from utils.models import load_sd_parts
 from utils.saving import atomic_write_text, load_unet_into
-from utils.checkpoints import list_checkpoints, resolve_resume
+from utils.checkpoints import check_same_run, list_checkpoints, resolve_resume
 from utils.trainer import add_adamw_args
 
 SUMMARY, LOG = "attack_summary.json", "attack.log"
@@ -127,6 +128,8 @@ def _check(args: argparse.Namespace) -> dict:
         done = "a finished" if (out / SUMMARY).exists() else "a started"
         raise UserError(f"{out} holds {done} attack; pass --resume_from_checkpoint latest to continue it, "
                         f"--overwrite_output_dir to redo it, or pick another --output_dir")
+    if resume is not None and not args.overwrite_output_dir:
+        check_same_run(resume, attack_identity(args))
     device = resolve_device(args.device)
     parts = load_sd_parts(args.pretrained_model_name_or_path, args.revision, args.variant)
     if args.unet_path:
@@ -144,9 +147,9 @@ def _check(args: argparse.Namespace) -> dict:
                 resolution=resolution)
 
 
-def _generate(args, out: Path, prompt_file: Path, image_dir: Path, seed: int, n: int, unet_path: str | None = None,
+def _generate(args, prompt_file: Path, image_dir: Path, seed: int, n: int, unet_path: str | None = None,
               embedding: Path | None = None, size: int | None = None) -> None:
-    """generate.py on a prompt file (it skips images already made), then logging back to attack.log."""
+    """generate.py on a prompt file (it skips images already made); the log stays attack.log."""
     argv = ["--prompt_path", str(prompt_file), "--image_dir", str(image_dir), "--seed", str(seed),
             "--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "--num_images_per_prompt", str(n),
             "--guidance_scale", str(args.guidance_scale), "--num_inference_steps", str(args.num_inference_steps),
@@ -155,8 +158,8 @@ def _generate(args, out: Path, prompt_file: Path, image_dir: Path, seed: int, n:
     for flag, value in (("--revision", args.revision), ("--variant", args.variant), ("--unet_path", unet_path),
                         ("--textual_inversion", embedding), ("--height", size), ("--width", size)):
         argv += [flag, str(value)] if value is not None else []
-    generate.main(generate.parse_args(argv + (["--overwrite"] if args.overwrite_output_dir else [])))
-    setup_logging(out, LOG)
+    with log_kept():
+        generate.main(generate.parse_args(argv + (["--overwrite"] if args.overwrite_output_dir else [])))
 
 
 def _invert(args, c: dict, target_dir: Path, out: Path) -> Path:
@@ -193,10 +196,10 @@ def main(args: argparse.Namespace) -> dict:
         target_dir, lines = out / "targets", [fill(c["target_prompts"][i % len(c["target_prompts"])], args.concept)
                                               for i in range(args.num_target_images)]
         atomic_write_text(out / "target_prompts.txt", "\n".join(lines) + "\n")
-        _generate(args, out, out / "target_prompts.txt", target_dir, args.target_seed, 1, size=c["resolution"])
+        _generate(args, out / "target_prompts.txt", target_dir, args.target_seed, 1, size=c["resolution"])
     seconds["targets"] = time.time() - t0
     atomic_write_text(out / "pre_attack_prompts.txt", "".join(fill(t, args.concept) + "\n" for t in c["prompts"]))
-    _generate(args, out, out / "pre_attack_prompts.txt", out / "pre_attack", args.seed, args.num_images_per_prompt,
+    _generate(args, out / "pre_attack_prompts.txt", out / "pre_attack", args.seed, args.num_images_per_prompt,
               args.unet_path)
     label = args.toy_colour or args.concept
     pre = concept_rate(out / "pre_attack", args.metric, label, args.nudity_classes, args.nudity_threshold)
@@ -211,7 +214,7 @@ def main(args: argparse.Namespace) -> dict:
 
     adversarial = "".join(fill(t, c["placeholder"]) + "\n" for t in c["prompts"])
     atomic_write_text(out / "adversarial_prompts.txt", adversarial)
-    _generate(args, out, out / "adversarial_prompts.txt", out / "post_attack", args.seed, args.num_images_per_prompt,
+    _generate(args, out / "adversarial_prompts.txt", out / "post_attack", args.seed, args.num_images_per_prompt,
               args.unet_path, embedding)
     post = concept_rate(out / "post_attack", args.metric, label, args.nudity_classes, args.nudity_threshold)
     attack_grid({"targets": target_dir, "pre-attack": out / "pre_attack", "post-attack": out / "post_attack"},

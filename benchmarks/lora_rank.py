@@ -16,7 +16,6 @@ erasure (points). The erased colours are read from the erasure files' concepts. 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,9 +31,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from utils.cli import ArgumentParser, HelpFormatter, UserError, add_threads_arg, apply_threads, run  # noqa: E402
+from utils.cli import (ArgumentParser, HelpFormatter, UserError, add_threads_arg, apply_threads,  # noqa: E402
+                       resolve_device, run)
 from utils.lora import apply_loras, erasure_deltas, export_lora, lora_layers, rank_arg  # noqa: E402
 from utils.pipelines import quiet_diffusers  # noqa: E402
+from utils.eval.common import write_json  # noqa: E402
 from utils.saving import atomic_write_text  # noqa: E402
 from utils.toy import measure as M  # noqa: E402
 from utils.toy.cli import erased_colours  # noqa: E402
@@ -141,7 +142,8 @@ def measure_loras(args, name: str, erasures: Sequence[Path], ranks, out: Path, j
     print(format_rows(rows, header=False), flush=True)
     for rank in ranks:
         summaries = [export_lora(e, out / f"{name}-{i}-r{rank}.safetensors", rank=rank, base=args.model,
-                                 save_precision=args.save_precision, overwrite=True) for i, e in enumerate(erasures)]
+                                 save_precision=args.save_precision, device=args.device, overwrite=True)
+                     for i, e in enumerate(erasures)]
         pipe = load_pipeline(args.model, [s["path"] for s in summaries], args.device)
         kept = sum(s["retained_total"] for s in summaries) / len(summaries)
         rows.append(row(name, f"LoRA r={rank}", judge(pipe), " + ".join(rank_text(s) for s in summaries), kept,
@@ -205,8 +207,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     for path in (p for files in args.combine for p in files):
         if not path.is_file():
             raise UserError(f"--combine file {path} does not exist")
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    apply_threads(args.threads, torch.device(auto if args.device == "auto" else args.device))
+    apply_threads(args.threads, resolve_device(args.device))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -227,7 +228,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     print("\n" + text)
     atomic_write_text(out / "table.md", text)
     rows = [{k: v for k, v in r.items() if k != "full"} for r in rows]
-    atomic_write_text(out / "results.json", json.dumps(dict(settings=settings, rows=rows), indent=1))
+    write_json(out / "results.json", dict(settings=settings, rows=rows))
     return rows
 
 

@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import io
 import itertools
-import json
 import os
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch  # noqa: E402
 
 from utils.checkpoints import list_checkpoints  # noqa: E402
 from utils.cli import ArgumentParser, HelpFormatter, UserError, add_threads_arg, apply_threads, run  # noqa: E402
+from utils.eval.common import write_json  # noqa: E402
 from utils.saving import atomic_write_text  # noqa: E402
 from utils.toy import measure as M  # noqa: E402
 
@@ -71,9 +71,10 @@ def train_one(args: argparse.Namespace, combo: dict[str, str], out: Path) -> Non
     argv = ["--pretrained_model_name_or_path", str(args.model), "--removing_concepts", *args.removing_concepts,
             "--num_train_steps", str(args.max_steps), "--checkpointing_steps", str(args.check_every),
             "--resume_from_checkpoint", "latest", "--device", "cpu", "--threads", str(torch.get_num_threads()),
-            "--output_dir", str(out), *args.extra]
+            "--output_dir", str(out)]
     for k, v in flags.items():
         argv += [f"--{k}", str(v)]
+    argv += args.extra  # last, so that its values win (argparse keeps the last)
     with contextlib.redirect_stdout(io.StringIO()):
         module.main(module.parse_args(argv))
 
@@ -153,7 +154,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     table = format_rows(rows)
     print(table)
     atomic_write_text(out / "sweep.md", f"{args.method} on {args.model}, removing {args.removing_concepts}\n\n{table}\n")
-    atomic_write_text(out / "sweep.json", json.dumps(dict(args={k: v for k, v in vars(args).items()}, rows=rows), indent=1))
+    write_json(out / "sweep.json", dict(args=vars(args), rows=rows))
     return rows
 
 

@@ -30,7 +30,7 @@ import evaluate  # noqa: E402
 import generate  # noqa: E402
 import train_esd  # noqa: E402
 import train_sdd  # noqa: E402
-from utils.cli import HelpFormatter, Stopped, UserError, run, setup_logging  # noqa: E402
+from utils.cli import HelpFormatter, Stopped, UserError, log_kept, run, setup_logging  # noqa: E402
 from utils.eval.common import (bar_chart, load_image_folder, load_rgb, write_csv, write_json, write_png,  # noqa: E402
                                write_text)
 from utils.images import image_grid  # noqa: E402
@@ -127,8 +127,9 @@ def check_model(model: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------- the steps
 def prompt_file(args: argparse.Namespace, concepts: Sequence[str]) -> Path:
-    """OUT/prompts/<concepts>.csv: the erasure prompts with one seed per image (written once)."""
-    path = Path(args.output_dir) / "prompts" / f"{'+'.join(concepts)}.csv"
+    """OUT/prompts/<concepts>-n<N>-seed<S>.csv: the erasure prompts with one seed per image (written once; named by
+    its settings, so that a rerun with other ones cannot reuse it: generate.py then refuses the older images)."""
+    path = Path(args.output_dir) / "prompts" / f"{'+'.join(concepts)}-n{args.n_per_prompt}-seed{args.seed}.csv"
     if not path.exists():
         measure.write_items(measure.erasure_items(concepts, args.n_per_prompt, args.seed), path)
     return path
@@ -190,14 +191,16 @@ def run_row(args: argparse.Namespace, name: str, settings: dict) -> dict:
         return row
     t0 = time.time()
     print(f"== {name}", flush=True)
-    base = base_folder(args, r["concepts"])
-    unet = train(args, name, r) if r["runner"] != "generate" else None
-    folder = base if name == "SD" else draw(args, Path(args.output_dir) / "images" / slug(name),
-                                            prompt_file(args, r["concepts"]), r["flags"] if unet is None else {}, unet)
-    s = evaluate.main(evaluate.parse_args(["toy", str(folder), "--base", str(base), "--concepts", *r["concepts"]]))
+    with log_kept():  # the trainers, generate.py, evaluate.py and attack.py point the log at their own folders
+        base = base_folder(args, r["concepts"])
+        unet = train(args, name, r) if r["runner"] != "generate" else None
+        folder = base if name == "SD" else draw(args, Path(args.output_dir) / "images" / slug(name),
+                                                prompt_file(args, r["concepts"]), r["flags"] if unet is None else {}, unet)
+        s = evaluate.main(evaluate.parse_args(["toy", str(folder), "--base", str(base), "--concepts", *r["concepts"]]))
+        attack = run_attack(args, name, unet) if unet else None
     row = {"name": name, "recipe": r, "settings": settings, "erasure": s["erasure"], "folder": str(folder),
-           "training_seconds": training_seconds(unet) if unet else None,
-           "attack": run_attack(args, name, unet) if unet else None, "seconds": round(time.time() - t0, 1)}
+           "training_seconds": training_seconds(unet) if unet else None, "attack": attack,
+           "seconds": round(time.time() - t0, 1)}
     write_json(done, row)
     log.info("%s done in %.0f s", name, row["seconds"])
     return row
@@ -351,7 +354,6 @@ def main(args: argparse.Namespace) -> list[dict]:
             rows.append(run_row(args, name, settings))
         except Stopped as e:  # Ctrl-C / SIGTERM in a trainer or the attack, after its checkpoint
             raise Stopped(f"{e}\nthe table continues from there: rerun `{command(args)}`", e.exit_code - 128) from None
-        setup_logging(out, "toy_table.log")  # the tools point the log at their own folders
     md = write_outputs(args, rows, settings)
     log.info("table of %d methods in %.0f s (this invocation)", len(rows), time.time() - t0)
     print(md)

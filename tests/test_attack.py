@@ -126,6 +126,9 @@ def test_resume_matches_an_uninterrupted_run(attacked, tiny_pipeline, tmp_path):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     with pytest.raises(UserError, match="holds a started attack"):
         main(parse_args(attack_args(tiny_pipeline, copy, *erased)))
+    with pytest.raises(UserError, match=r"other flags: --learning_rate 0.05 \(now 0.1\)"):  # not the same attack
+        main(parse_args(attack_args(tiny_pipeline, copy, *erased, "--resume_from_checkpoint", "latest",
+                                    "--learning_rate", "0.1")))
     again = main(parse_args(attack_args(tiny_pipeline, copy, *erased, "--resume_from_checkpoint", "latest")))
     assert "resumed from" in (copy / "attack.log").read_text()
     a, b = load_file(str(out / "learned_embeds.safetensors")), load_file(str(copy / "learned_embeds.safetensors"))

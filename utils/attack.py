@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -28,11 +27,13 @@ from tqdm.auto import tqdm
 from utils.cli import Stopped, UserError
 from utils.eval.common import load_image_folder, load_rgb
 from utils.models import SDParts, cast
-from utils.saving import atomic_dir
 from utils.text import read_word_list
-from utils.checkpoints import StopOnSignal, list_checkpoints
+from utils.checkpoints import NEUTRAL_FLAGS, StopOnSignal, prune_checkpoints, run_identity, write_checkpoint
 
 log = logging.getLogger("sdd")
+# flags that only change how the attack is scored or how many images it draws, not the learned embedding
+ATTACK_NEUTRAL_FLAGS = NEUTRAL_FLAGS | {"metric", "toy_colour", "nudity_classes", "nudity_threshold", "prompts",
+                                        "num_images_per_prompt", "batch_size"}
 SLOT = "{}"  # where the concept (or the learned token) goes in a template
 EMBEDDING_FILE = "learned_embeds.safetensors"  # the name load_textual_inversion looks for in a folder
 DEFAULT_TEMPLATES = ("{}", "a photo of {}", "a picture of {}", "an image of {}", "a close-up photo of {}",
@@ -202,17 +203,19 @@ def save_embedding(path: str | os.PathLike, placeholder: str, learned: torch.Ten
     os.replace(tmp, path)
 
 
+def attack_identity(args) -> dict:
+    """The flags that define the learned embedding (stored in each checkpoint's run.json, checked on resume)."""
+    return run_identity(args, neutral=ATTACK_NEUTRAL_FLAGS)
+
+
 def _save_checkpoint(out: Path, step: int, inv: Inversion, optimizer, lr_scheduler, scaler, generator,
-                     limit: int | None) -> Path:
+                     args) -> Path:
     final = out / f"checkpoint-{step}"
     state = {"step": step, "learned": inv.learned.detach().cpu(), "tokens": inv.tokens,
              "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
              "scaler": scaler.state_dict(), "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()}}
-    with atomic_dir(final) as tmp:
-        torch.save(state, tmp / "state.pt")
-    if limit:
-        for old in list_checkpoints(out)[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
+    write_checkpoint(final, state, attack_identity(args))
+    prune_checkpoints(out, args.checkpoints_total_limit)
     log.info("saved %s", final)
     return final
 
@@ -275,8 +278,7 @@ def train_embedding(inv: Inversion, targets: Targets, args, out: Path, resume: P
             log.info("step %d loss %.6g lr %.3g caption %r", step, loss.item(), lr_scheduler.get_last_lr()[0],
                      captions[0])
             if step % args.checkpointing_steps == 0 or (stop.raised and step < args.num_train_steps):
-                _save_checkpoint(out, step, inv, optimizer, lr_scheduler, scaler, generator,
-                                 args.checkpoints_total_limit)
+                _save_checkpoint(out, step, inv, optimizer, lr_scheduler, scaler, generator, args)
         bar.close()
         log.info("trained to step %d in %.1f s", step, time.time() - t0)
         if stop.raised and step < args.num_train_steps:  # exit 128 + signal, the hint as the last line

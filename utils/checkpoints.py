@@ -103,11 +103,13 @@ def check_output_dir(args: argparse.Namespace, resume: Path | None) -> None:
         raise UserError(f"{out} holds checkpoints; pass --resume_from_checkpoint latest or --overwrite_output_dir")
 
 
-def run_identity(args: argparse.Namespace, concepts: Sequence[str]) -> dict:
+def run_identity(args: argparse.Namespace, concepts: Sequence[str] | None = None,
+                 neutral: frozenset[str] = NEUTRAL_FLAGS) -> dict:
     """The flags that define the run (JSON values), with the concepts as read; --num_train_steps only if it matters."""
-    ident = {k: v for k, v in sorted(vars(args).items()) if k not in NEUTRAL_FLAGS}
-    ident["removing_concepts"] = list(concepts)
-    if args.lr_scheduler in LENGTH_FREE_SCHEDULES and args.concept_method != "sequential":
+    ident = {k: v for k, v in sorted(vars(args).items()) if k not in neutral}
+    if concepts is not None:
+        ident["removing_concepts"] = list(concepts)
+    if args.lr_scheduler in LENGTH_FREE_SCHEDULES and getattr(args, "concept_method", None) != "sequential":
         ident.pop("num_train_steps")  # extending such a run changes nothing before its old end
     return json.loads(json.dumps(ident, default=str))
 
@@ -141,14 +143,24 @@ def save_checkpoint(out: Path, step: int, state: TrainState, identity: dict, lim
         "rng": {"generator": state.generator.get_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
+    write_checkpoint(final, blob, identity)
+    prune_checkpoints(out, limit)
+    log.info("saved %s", final)
+    return final
+
+
+def write_checkpoint(final: Path, blob: dict, identity: dict) -> None:
+    """checkpoint-N/ with state.pt and the run's flags (run.json), written atomically."""
     with atomic_dir(final) as tmp:
         torch.save(blob, tmp / "state.pt")
         (tmp / "run.json").write_text(json.dumps(identity, indent=2), encoding="utf-8")
+
+
+def prune_checkpoints(out: Path, limit: int | None) -> None:
+    """Keep the newest `limit` checkpoints (all when None or 0)."""
     if limit:
         for old in list_checkpoints(out)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
-    log.info("saved %s", final)
-    return final
 
 
 def load_checkpoint(path: Path, state: TrainState, device: torch.device) -> int:

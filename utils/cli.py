@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -97,6 +98,17 @@ def setup_logging(output_dir: str | os.PathLike, filename: str) -> logging.Logge
     logger.addHandler(sh)
     logger.propagate = False
     return logger
+
+
+@contextlib.contextmanager
+def log_kept() -> Iterator[None]:
+    """Run other tools inside (each points the log at its own folder); afterwards the log file is this one again."""
+    files = [h.baseFilename for h in logging.getLogger("sdd").handlers if isinstance(h, logging.FileHandler)]
+    try:
+        yield
+    finally:
+        if files:
+            setup_logging(Path(files[0]).parent, Path(files[0]).name)
 
 
 def add_threads_arg(parser: argparse.ArgumentParser) -> None:
