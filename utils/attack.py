@@ -13,12 +13,12 @@ import re
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from diffusers.optimization import get_scheduler
 from PIL import Image
 from safetensors.torch import save_file
 from torch.func import functional_call
@@ -28,6 +28,7 @@ from utils.cli import Stopped, UserError
 from utils.eval.common import load_image_folder, load_rgb
 from utils.models import SDParts, cast
 from utils.text import read_word_list
+from utils.trainer import autocast_to, make_adamw
 from utils.checkpoints import NEUTRAL_FLAGS, StopOnSignal, prune_checkpoints, run_identity, write_checkpoint
 
 log = logging.getLogger("sdd")
@@ -241,13 +242,9 @@ def train_embedding(inv: Inversion, targets: Targets, args, out: Path, resume: P
     mean, std = encode_targets(inv.parts.vae, targets.pixels, device, dtype)
     vae_cfg = inv.parts.vae.config
     shift, scale = getattr(vae_cfg, "shift_factor", None) or 0.0, vae_cfg.scaling_factor
-    optimizer = torch.optim.AdamW([inv.learned], lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  eps=args.adam_epsilon, weight_decay=args.weight_decay)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.num_train_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    optimizer, lr_scheduler, scaler = make_adamw([inv.learned], args, device, dtype)
     generator = torch.Generator().manual_seed(args.seed)
-    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
+    autocast = partial(autocast_to, device, dtype)
     step = 0
     if resume is not None:
         step = _load_checkpoint(resume, inv, optimizer, lr_scheduler, scaler, generator)

@@ -56,6 +56,20 @@ def add_adamw_args(g, *, learning_rate: float, weight_decay: float, max_grad_nor
     g.add_argument("--max_grad_norm", type=float, default=max_grad_norm, help="gradient-norm clip (0: off)")
 
 
+def make_adamw(params, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple:
+    """AdamW over `params` with add_adamw_args' flags, its lr schedule, and a GradScaler (on only in fp16)."""
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  eps=args.adam_epsilon, weight_decay=args.weight_decay)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.num_train_steps)
+    return optimizer, lr_scheduler, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def autocast_to(device: torch.device, dtype: torch.dtype):
+    """Autocast to the frozen weights' dtype (off in fp32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def add_training_args(p: argparse.ArgumentParser, *, num_train_steps: int, weight_decay: float, max_grad_norm: float,
                       output_dir: str) -> None:
     """The flags both trainers share (names follow the reference code and the diffusers training examples)."""
@@ -245,11 +259,7 @@ class Run:
         if args.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
-        optimizer = torch.optim.AdamW(subset.values(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                      eps=args.adam_epsilon, weight_decay=args.weight_decay)
-        lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                     num_training_steps=args.num_train_steps)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        optimizer, lr_scheduler, scaler = make_adamw(subset.values(), args, device, dtype)
         self.method = make_method(Setup(unet, subset, args, self.concepts))
         self.schedule = concept_schedule(self.concepts, args.concept_method, args.num_train_steps, args.seed)
         generator = torch.Generator().manual_seed(args.seed)  # k, z_T and jitter: CPU draws, same on every device
@@ -259,7 +269,7 @@ class Run:
 
     def autocast(self):
         """Autocast to the frozen weights' dtype (off in fp32)."""
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        return autocast_to(self.device, self.dtype)
 
     def _autotune(self) -> None:
         """--conv_autotune: time the CPU kernels now, at the batch sizes the steps use (2B, M*B, 2*M*B)."""
