@@ -116,13 +116,14 @@ class Judge:
         self.kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size)
 
     def __call__(self, pipe, concepts: Sequence[str]) -> dict:
-        """{colour_rate: erased colours' rates per kind and the kept shares, shape_acc} of `pipe`."""
+        """{colour_rate: erased colours' rates per kind and the kept shares, shape_acc} of `pipe` (None: the base
+        model, whose images are drawn once and are the reference of every other pipeline)."""
         key = tuple(concepts)
         if key not in self.cache:
             items = M.erasure_items(concepts, self.args.n_per_prompt, self.args.seed)
             self.cache[key] = items, M.draw(load_pipeline(self.args.model, device=self.args.device), items, **self.kw)
         items, before = self.cache[key]
-        res = M.erasure(items, before, M.draw(pipe, items, **self.kw), concepts)
+        res = M.erasure(items, before, before if pipe is None else M.draw(pipe, items, **self.kw), concepts)
         rates = {f"{c} {k}": res["after"][k][c] for c in concepts for k in M.KINDS}
         rates.update({"neighbour kept": res["preserved_neighbours"], "others kept": res["preserved_others"]})
         return dict(colour_rate=rates, shape_acc=res["shape_acc_after"])
@@ -132,7 +133,7 @@ def measure_loras(args, name: str, erasures: Sequence[Path], ranks, out: Path, j
     """The base model, the full erasure(s) and the LoRAs at each rank, loaded together when there are several."""
     concepts = list(dict.fromkeys(c for e in erasures for c in erased_colours(e)))
     judge = partial(judge, concepts=concepts)
-    rows = [row(name, "base model", judge(load_pipeline(args.model, device=args.device)))]
+    rows = [row(name, "base model", judge(None))]
     pipe = load_pipeline(args.model, device=args.device)
     add_deltas(pipe.unet, erasures, args.model)
     rows.append(row(name, "full U-Net", judge(pipe), size=sum(p.stat().st_size for p in erasures)))

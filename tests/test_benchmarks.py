@@ -60,3 +60,21 @@ def test_time_to_erase_plumbing_on_tiny(tiny_pipeline, tmp_path, capsys, one_thr
     assert "| reference | 1 | 1 | 4 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         time_to_erase.parse_args(["--runs", "reference-m2"])
+
+
+def test_empty_mix_ddim_row_is_the_quality_commands_empty_mix(tmp_path, one_thread):
+    """Same seeds as `utils.toy quality`'s empty prompt; every sampler's mix sums to one; bad counts are refused."""
+    from benchmarks import empty_mix
+    from utils.toy import measure as M
+
+    out = tmp_path / "mix.json"
+    res = empty_mix.main(empty_mix.parse_args(["--n", "4", "--steps", "3", "--ddpm_steps", "3", "--samplers", "ddim",
+                                               "ddpm", "--output", str(out)]))
+    assert list(res) == ["ddim", "ddpm"] and all(sum(m.values()) == pytest.approx(1) for m in res.values())
+    assert out.exists()
+    items = M.empty_items(4, seed=0)
+    quality = M.quality(items, M.draw(M.load_pipeline(empty_mix.ROOT / "assets" / "toy-sd"), items,
+                                      num_inference_steps=3))
+    assert quality["empty_mix"] == res["ddim"]
+    with pytest.raises(SystemExit):
+        empty_mix.parse_args(["--n", "0"])

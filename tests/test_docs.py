@@ -52,6 +52,7 @@ TINY: dict[str, list[str]] = {
     "benchmarks/time_to_erase.py": ["--max_steps", "2", "--check_every", "2", "--n_per_prompt", "1",
                                     "--final_n_per_prompt", "1"],
     "benchmarks/sweep_toy.py": ["--max_steps", "2", "--check_every", "2", "--n_per_prompt", "1"],
+    "benchmarks/empty_mix.py": ["--n", "2", "--steps", "2", "--ddpm_steps", "2"],
     "run_sdd_toy.sh": [],  # its python processes get theirs through the shim
     "run_esd_toy.sh": [],
     "benchmarks/gpu_check.sh": [],

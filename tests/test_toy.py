@@ -168,6 +168,11 @@ def test_erasure_summary_on_rendered_images():
     assert res["after"]["implied"]["red"] == 0.0
     assert res["preserved"]["orange"] == 0.0 and res["preserved_neighbours"] == 0.0
     assert res["preserved_others"] == 1.0 and res["preserved"]["blue"] == 1.0
+    # what a person sees: red prompts now draw green, orange prompts purple, the others unchanged
+    assert res["drawn_before"]["red"] == {"red": 1.0} and res["drawn_after"]["red"] == {"green": 1.0}
+    assert res["drawn_after"]["orange"] == {"purple": 1.0} and res["drawn_after"]["blue"] == {"blue": 1.0}
+    from utils.toy.cli import format_erasure
+    assert "  red      green 100.0\n  orange   purple 100.0\n" in format_erasure(res)
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -533,7 +533,8 @@ def test_resume_with_other_flags_is_refused_naming_them_before_anything_is_writt
 def test_resume_with_neutral_flags_continues_and_keeps_args_json(tiny_pipeline, tmp_path):
     part = partial_run(tiny_pipeline, tmp_path)
     before = (part / "args.json").read_text()
-    train_sdd.main(sd_args(tiny_pipeline, part, "--resume_from_checkpoint", "latest", "--checkpointing_steps", "7",
+    other_spelling = f"{tiny_pipeline.parent}/./{tiny_pipeline.name}/"  # the same model folder, typed differently
+    train_sdd.main(sd_args(other_spelling, part, "--resume_from_checkpoint", "latest", "--checkpointing_steps", "7",
                            "--validation_prompts", "a cat", "--threads", "1"))  # FAST's 3 steps: extends the run
     assert (part / "args.json").read_text() == before and (part / "unet").exists()
     log = (part / "train.log").read_text()

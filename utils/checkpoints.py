@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from utils.cli import UserError
+from utils.cli import UserError, same_flag_value
 from utils.sampling import TrajectoryQueue
 from utils.saving import atomic_dir
 from utils.text import read_word_list
@@ -123,7 +123,8 @@ def check_same_run(path: Path, identity: dict) -> None:
     saved = json.loads(saved_file.read_text(encoding="utf-8"))
     keys = sorted(set(saved) | set(identity))
     unset = "(not set)"
-    diffs = [f"--{k} {saved.get(k, unset)} (now {identity.get(k, unset)})" for k in keys if saved.get(k) != identity.get(k)]
+    diffs = [f"--{k} {saved.get(k, unset)} (now {identity.get(k, unset)})" for k in keys
+             if not same_flag_value(saved.get(k), identity.get(k))]
     if diffs:
         raise UserError(f"checkpoint {path} belongs to a run with other flags: {', '.join(diffs)}; resume with its "
                         f"flags ({path / 'run.json'}) or start a new --output_dir")

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -131,3 +131,11 @@ def apply_threads(n: int, device: torch.device) -> int:
         n = max(1, cores - load)
     torch.set_num_threads(n)
     return n
+
+
+def same_flag_value(a: Any, b: Any) -> bool:
+    """Equal flag values; two spellings of one existing local path ('./assets/x', 'assets/x/') count as equal."""
+    if a == b:
+        return True
+    return (isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b)
+            and os.path.samefile(a, b))

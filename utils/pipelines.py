@@ -17,7 +17,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
-from utils.cli import UserError
+from utils.cli import UserError, same_flag_value
 from utils.lora import apply_loras
 from utils.models import check_model_source, from_pretrained, no_loading_bars
 from utils.prompts import Prompt
@@ -334,7 +334,8 @@ def check_settings(image_dir: Path, settings: dict[str, Any], overwrite: bool) -
         old = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return
-    diff = [f"{k}: {old[k]!r} there, {v!r} now" for k, v in settings.items() if k in old and old[k] != v]
+    diff = [f"{k}: {old[k]!r} there, {v!r} now" for k, v in settings.items()
+            if k in old and not same_flag_value(old[k], v)]
     if diff:
         raise UserError(f"{image_dir} holds images made with other settings ({'; '.join(diff)}); "
                         f"use another --image_dir, or --overwrite to redo them")

@@ -63,7 +63,15 @@ def format_erasure(res: dict, seconds: float | None = None) -> str:
     lines.append(f"{'shape accuracy':<34} {_pct(res['shape_acc_before']):>7} {_pct(res['shape_acc_after']):>7}")
     if seconds is not None:
         lines.append(f"{'training time (s)':<34} {'':>7} {seconds:>7.0f}")
+    lines.append("what each colour's prompts draw after (judged colours, %):")
+    lines += [f"  {c:<8} {format_mix(mix)}" for c, mix in res["drawn_after"].items()]
     return "\n".join(lines)
+
+
+def format_mix(mix: dict[str, float], top: int = 2) -> str:
+    """The `top` most frequent judged colours with their shares, e.g. 'blue 96.9, other 3.1'."""
+    best = sorted(mix.items(), key=lambda kv: -kv[1])[:top]
+    return ", ".join(f"{c} {_pct(v).strip()}" for c, v in best)
 
 
 def training_seconds(unet_path: str | Path) -> float | None:

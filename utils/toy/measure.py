@@ -97,7 +97,12 @@ def quality_items(n: int = 20, seed: int = 0, colours: Sequence[str] | None = No
     """Base quality: every colour's explicit, paraphrase and implied prompts (n images each), `empty` unprompted."""
     items = [it for c in check_colours(colours or list(COLOURS)) for kind, ps in prompt_sets(c).items()
              for it in _items(ps, kind, c, n, seed)]
-    return items + _items([("", None)], "empty", None, empty, seed)
+    return items + empty_items(empty, seed)
+
+
+def empty_items(n: int, seed: int = 0) -> list[Item]:
+    """`n` images of the empty prompt (its colour mix: the unconditional estimate SDD erases towards)."""
+    return _items([("", None)], "empty", None, n, seed)
 
 
 def write_items(items: Sequence[Item], path: str | os.PathLike) -> None:
@@ -136,8 +141,10 @@ def item_for_prompt(prompt: str, seed: int) -> Item:
 
 @torch.no_grad()
 def sample_images(pipe, prompts: Sequence[str], seeds: Sequence[int], num_inference_steps: int = DEFAULT_STEPS,
-                  guidance_scale: float = DEFAULT_GUIDANCE, batch_size: int = 64, desc: str | None = None) -> list[Image.Image]:
-    """One image per (prompt, seed); each image's initial latents come from a CPU generator seeded by its seed."""
+                  guidance_scale: float = DEFAULT_GUIDANCE, batch_size: int = 64, desc: str | None = None,
+                  **pipe_kw) -> list[Image.Image]:
+    """One image per (prompt, seed); each image's initial latents come from a CPU generator seeded by its seed
+    (pipe_kw: further arguments of the pipeline call, e.g. eta)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     unet = pipe.unet
@@ -150,7 +157,7 @@ def sample_images(pipe, prompts: Sequence[str], seeds: Sequence[int], num_infere
             latents = torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in ss])
             res = pipe(prompt=ps, latents=latents.to(pipe.device, unet.dtype), num_inference_steps=num_inference_steps,
                        guidance_scale=guidance_scale, height=size * pipe.vae_scale_factor,
-                       width=size * pipe.vae_scale_factor, output_type="pil")
+                       width=size * pipe.vae_scale_factor, output_type="pil", **pipe_kw)
             out.extend(res.images)
             bar.update(len(ps))
     return out
@@ -182,8 +189,13 @@ def quality(items: Sequence[Item], images: Sequence[Image.Image]) -> dict:
     res["shape_acc"]["all"] = _rate([js == it.shape for it, (_, js) in shaped])
     empty = [jc for it, (jc, _) in zip(items, verdicts) if it.group == "empty"]
     if empty:
-        res["empty_mix"] = {k: v / len(empty) for k, v in _counts(empty).items()}
+        res["empty_mix"] = colour_mix(empty)
     return res
+
+
+def colour_mix(colours: Sequence[str | None]) -> dict[str, float]:
+    """Share of each judged colour (every palette colour, other and none listed, zeros included)."""
+    return {k: v / len(colours) for k, v in _counts(colours).items()}
 
 
 def _counts(colours: Sequence[str | None]) -> dict[str, int]:
@@ -195,7 +207,8 @@ def _counts(colours: Sequence[str | None]) -> dict[str, int]:
 
 def erasure(items: Sequence[Item], before: Sequence[Image.Image], after: Sequence[Image.Image],
             concepts: Sequence[str]) -> dict:
-    """Rates of the erased colours per kind (before, after), preservation per kept colour, shape accuracy after."""
+    """Rates of the erased colours per kind (before, after), preservation per kept colour, shape accuracy, and what
+    each asked colour's prompts are drawn as (before, after)."""
     vb, va = [judge(im) for im in before], [judge(im) for im in after]
     res: dict = {"concepts": list(concepts), "before": {}, "after": {}, "preserved": {}}
     for c in concepts:
@@ -214,5 +227,15 @@ def erasure(items: Sequence[Item], before: Sequence[Image.Image], after: Sequenc
     shaped = [i for i, it in enumerate(items) if it.shape]
     res["shape_acc_before"] = _rate([vb[i][1] == items[i].shape for i in shaped])
     res["shape_acc_after"] = _rate([va[i][1] == items[i].shape for i in shaped])
+    res["drawn_before"], res["drawn_after"] = drawn(items, vb), drawn(items, va)
     return res
+
+
+def drawn(items: Sequence[Item], verdicts: Sequence[tuple[str | None, str | None]]) -> dict[str, dict[str, float]]:
+    """Per asked colour, the share of its images judged as each colour (other = off-palette, none = no shape)."""
+    out = {}
+    for c in dict.fromkeys(it.colour for it in items if it.colour):
+        judged = [jc for it, (jc, _) in zip(items, verdicts) if it.colour == c]
+        out[c] = {k: v for k, v in colour_mix(judged).items() if v}
+    return out
 
