@@ -11,13 +11,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from utils.cli import UserError
+from utils.saving import atomic_write, atomic_write_text
 
 METADATA = "metadata.csv"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -143,39 +144,22 @@ def guard_outputs(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- atomic writes
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write through a hidden temp file in the same folder and os.replace it onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def write_json(path: Path, data: Mapping) -> Path:
     """Atomically write pretty JSON (NaN written as null)."""
-    text = json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n"
-    return _atomic(path, lambda t: t.write_text(text))
+    return atomic_write_text(path, json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
 
 
-def write_text(path: Path, text: str) -> Path:
-    """Atomically write a text file."""
-    return _atomic(path, lambda t: t.write_text(text))
+write_text = atomic_write_text  # atomically write a UTF-8 text file
 
 
 def write_csv(path: Path, df: pd.DataFrame) -> Path:
     """Atomically write a CSV without the index."""
-    return _atomic(path, lambda t: df.to_csv(t, index=False))
+    return atomic_write(path, lambda t: df.to_csv(t, index=False))
 
 
 def write_png(path: Path, image: Image.Image) -> Path:
     """Atomically write a PNG."""
-    return _atomic(path, lambda t: image.save(t, format="PNG"))
+    return atomic_write(path, lambda t: image.save(t, format="PNG"))
 
 
 def _jsonable(x):

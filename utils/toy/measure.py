@@ -49,16 +49,11 @@ class Item:
 
 def load_pipeline(model: str | os.PathLike, unet: str | os.PathLike | None = None, device: str | None = "cpu"):
     """A StableDiffusionPipeline from a local folder, its U-Net optionally replaced (U-Net folder or erasure file)."""
-    from utils.models import check_model_source, from_pretrained
-    from utils.pipelines import StableDiffusionPipeline, quiet_diffusers  # imported without transformers' notices
-    from utils.saving import load_unet_into
+    from utils.pipelines import StableDiffusionPipeline, load_parts, quiet_diffusers  # without transformers' notices
 
-    check_model_source(str(model))
+    parts = load_parts(str(model), None if unet is None else str(unet), torch.float32)
     with quiet_diffusers():
-        pipe = from_pretrained(StableDiffusionPipeline, str(model), safety_checker=None, requires_safety_checker=False,
-                               dtype=torch.float32)
-    if unet is not None:
-        load_unet_into(pipe.unet, unet)
+        pipe = StableDiffusionPipeline(**parts, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(resolve_device(device))
 
