@@ -613,3 +613,17 @@ def test_training_docs_command_runs(tiny_pipeline, tmp_path, page, command, caps
     mod.main(mod.parse_args([*argv, "--pretrained_model_name_or_path", str(tiny_pipeline), "--num_train_steps", "1",
                              "--num_ddim_steps", "2", "--device", "cpu", "--output_dir", str(out)]))
     assert (out / "unet").exists() and (out / "erasure.safetensors").exists()
+
+
+def test_stop_on_signal_names_the_step_the_checkpoint_and_how_to_continue(tmp_path):
+    """The one message the trainers and the attack end with when a signal stops them."""
+    from utils.checkpoints import StopOnSignal
+
+    with StopOnSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)  # handled: a flag, not an exit
+    assert stop.raised
+    e = stop.stopped(3, 10, tmp_path / "checkpoint-3", tmp_path, resumed_latest=False)
+    assert e.exit_code == 143 and str(e) == (f"stopped by SIGTERM at step 3 of 10; saved {tmp_path / 'checkpoint-3'}; "
+                                             "to continue, rerun the same command with --resume_from_checkpoint latest "
+                                             f"(--output_dir {tmp_path})")
+    assert "to continue, rerun the same command (" in str(stop.stopped(3, 10, None, tmp_path, resumed_latest=True))

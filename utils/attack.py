@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -24,7 +23,7 @@ from safetensors.torch import save_file
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from utils.cli import Stopped, UserError
+from utils.cli import UserError
 from utils.eval.common import load_image_folder, load_rgb
 from utils.models import SDParts, cast
 from utils.text import read_word_list
@@ -251,7 +250,7 @@ def train_embedding(inv: Inversion, targets: Targets, args, out: Path, resume: P
         log.info("resumed from %s at step %d", resume, step)
         print(f"resumed from {resume} at step {step}")
     bar = tqdm(total=args.num_train_steps, initial=step, desc="attack", dynamic_ncols=True)
-    t0 = time.time()
+    t0, saved = time.time(), None
     with StopOnSignal() as stop:
         while step < args.num_train_steps and not stop.raised:
             idx = torch.randint(len(mean), (args.train_batch_size,), generator=generator)
@@ -275,11 +274,9 @@ def train_embedding(inv: Inversion, targets: Targets, args, out: Path, resume: P
             log.info("step %d loss %.6g lr %.3g caption %r", step, loss.item(), lr_scheduler.get_last_lr()[0],
                      captions[0])
             if step % args.checkpointing_steps == 0 or (stop.raised and step < args.num_train_steps):
-                _save_checkpoint(out, step, inv, optimizer, lr_scheduler, scaler, generator, args)
+                saved = _save_checkpoint(out, step, inv, optimizer, lr_scheduler, scaler, generator, args)
         bar.close()
         log.info("trained to step %d in %.1f s", step, time.time() - t0)
         if stop.raised and step < args.num_train_steps:  # exit 128 + signal, the hint as the last line
-            raise Stopped(f"stopped by {signal.Signals(stop.signum).name} at step {step} of {args.num_train_steps}; "
-                          f"checkpoint saved; to continue, rerun the same command with --resume_from_checkpoint latest "
-                          f"(--output_dir {out})", stop.signum)
+            raise stop.stopped(step, args.num_train_steps, saved, out, args.resume_from_checkpoint == "latest")
     return step

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from utils.cli import UserError, same_flag_value
+from utils.cli import Stopped, UserError, same_flag_value
 from utils.sampling import TrajectoryQueue
 from utils.saving import atomic_dir
 from utils.text import read_word_list
@@ -208,3 +208,11 @@ class StopOnSignal:
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+    def stopped(self, step: int, total: int, saved: Path | None, out: Path, resumed_latest: bool) -> Stopped:
+        """The Stopped that ends the run (exit 128 + signal); its message, printed last, says how to continue."""
+        again = "rerun the same command" if resumed_latest else \
+            "rerun the same command with --resume_from_checkpoint latest"
+        name = signal.Signals(self.signum).name if self.signum else "a signal"
+        return Stopped(f"stopped by {name} at step {step} of {total}; saved {saved}; to continue, {again} "
+                       f"(--output_dir {out})", self.signum or signal.SIGINT)

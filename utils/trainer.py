@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from utils.cli import DTYPES, Stopped, UserError, add_threads_arg, apply_threads, resolve_device, setup_logging
+from utils.cli import DTYPES, UserError, add_threads_arg, apply_threads, resolve_device, setup_logging
 from utils.checkpoints import StopOnSignal, TrainState, check_run_args, load_checkpoint, save_checkpoint
 from utils.concepts import CONCEPT_METHODS, concept_schedule, joined, step_prompts
 from utils.convtune import autotune_convolutions, choices
@@ -190,7 +189,10 @@ def train(args: argparse.Namespace, make_method: Callable[[Setup], Method]) -> P
             run.checkpoint_and_validate(stopping=stop.raised)
     bar.close()
     if run.step < args.num_train_steps:
-        raise run.stopped(stop.signum)
+        stopped = stop.stopped(run.step, args.num_train_steps, run.last_ckpt, run.out,
+                               args.resume_from_checkpoint == "latest")
+        run.logger.info(str(stopped))
+        raise stopped
     run.logger.info("trained %d steps in %.1f s", args.num_train_steps, time.time() - t_start)
     return run.finish()
 
@@ -340,16 +342,6 @@ class Run:
                         self.val_prompts, self.latent_shape, self.device, self.autocast, path,
                         n=a.num_validation_images, seed=a.seed, scale=a.validation_guidance_scale)
         self.logger.info("validation grid %s", path)
-
-    def stopped(self, signum: int | None) -> Stopped:
-        """The exception that ends a run stopped by a signal, its message the hint how to continue."""
-        again = "rerun the same command" if self.args.resume_from_checkpoint == "latest" else \
-            "rerun the same command with --resume_from_checkpoint latest"
-        name = signal.Signals(signum).name if signum else "a signal"
-        msg = f"stopped by {name} at step {self.step} of {self.args.num_train_steps}; saved {self.last_ckpt}; " \
-              f"to continue, {again} (--output_dir {self.out})"
-        self.logger.info(msg)
-        return Stopped(msg, signum or signal.SIGINT)
 
     def finish(self) -> Path:
         """Final validation grid, then unet/ and erasure.safetensors; returns the output folder."""
