@@ -42,7 +42,7 @@ from utils.eval.common import load_image_folder
 from utils.models import load_sd_parts
 from utils.saving import atomic_write_text, load_unet_into
 from utils.checkpoints import check_same_run, list_checkpoints, resolve_resume
-from utils.trainer import add_adamw_args
+from utils.optim import add_adamw_args
 
 SUMMARY, LOG = "attack_summary.json", "attack.log"
 

@@ -21,8 +21,7 @@ print(f'torch {torch.__version__}, {p.name}, {p.total_memory / 2**30:.0f} GiB')"
 
 start=$(date +%s)
 if [ ! -f "$MODEL_DIR/model_index.json" ]; then
-  timeout 60 python -c "import sys; from benchmarks.bench_train import build_sd14_pipeline; \
-build_sd14_pipeline(sys.argv[1])" "$MODEL_DIR" 2>&1 | grep -v -i "torchvision\|shards" || true
+  timeout 60 python -m benchmarks.sd_shaped "$MODEL_DIR" 2>&1 | grep -v -i "torchvision\|shards" || true
 fi
 test -f "$MODEL_DIR/model_index.json" || { echo "gpu_check: building the SD-1.4-shaped pipeline failed" >&2; exit 1; }
 echo "pipeline ready after $(( $(date +%s) - start )) s"

@@ -27,7 +27,7 @@ from utils.cli import UserError
 from utils.eval.common import load_image_folder, load_rgb
 from utils.models import SDParts, cast
 from utils.text import read_word_list
-from utils.trainer import autocast_to, make_adamw
+from utils.optim import autocast_to, make_adamw
 from utils.checkpoints import NEUTRAL_FLAGS, StopOnSignal, prune_checkpoints, run_identity, write_checkpoint
 
 log = logging.getLogger("sdd")
