@@ -18,7 +18,7 @@ else
   python "$HERE"/train_esd.py \
     --pretrained_model_name_or_path "$HERE/assets/toy-sd" \
     --removing_concepts red \
-    --num_train_steps 50 \
+    --num_train_steps 40 \
     --train_batch_size 4 \
     --learning_rate 1e-4 \
     --num_ddim_steps 20 \
