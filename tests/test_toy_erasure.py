@@ -16,7 +16,7 @@ TOY = ROOT / "assets" / "toy-sd"
 @pytest.mark.skipif(not (TOY / "model_index.json").exists(), reason="assets/toy-sd not present")
 def test_esd_erases_the_word_red_and_keeps_blue_and_green(tmp_path, one_thread):
     out = train_esd.main(train_esd.parse_args([
-        "--pretrained_model_name_or_path", str(TOY), "--removing_concepts", "red", "--num_train_steps", "50",
+        "--pretrained_model_name_or_path", str(TOY), "--removing_concepts", "red", "--num_train_steps", "40",
         "--train_batch_size", "4", "--learning_rate", "1e-4", "--num_ddim_steps", "20", "--guidance_scale", "3",
         "--negative_guidance", "1", "--checkpointing_steps", "1000", "--seed", "0", "--device", "cpu",
         "--threads", "1", "--output_dir", str(tmp_path / "esd")]))
