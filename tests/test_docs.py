@@ -47,6 +47,7 @@ TINY: dict[str, list[str]] = {
     "utils.toy quality": ["--n_per_prompt", "1", "--steps", "2", "--n_empty", "1"],
     "utils.toy judge": ["--n", "24"],
     "utils.toy prompts": ["--n_per_prompt", "1"],
+    "utils.toy panels": ["--n_per_prompt", "1", "--steps", "2"],
     "utils.lora": [],
     "benchmarks/lora_rank.py": ["--n_per_prompt", "1", "--steps", "2"],
     "benchmarks/time_to_erase.py": ["--max_steps", "2", "--check_every", "2", "--n_per_prompt", "1",

@@ -214,3 +214,24 @@ def test_shipped_model_draws_explicit_paraphrase_and_implied_colours(one_thread)
         assert set(rates) == set(L.COLOURS)
         assert np.mean(list(rates.values())) >= 0.85, (kind, rates)
     assert res["shape_acc"]["all"] >= 0.85
+
+
+@pytest.mark.skipif(not (SHIPPED / "model_index.json").exists(), reason="assets/toy-sd not trained yet")
+def test_panels_draws_one_block_per_model_and_checks_every_unet_first(tmp_path, one_thread):
+    from utils.cli import UserError
+    from utils.toy.cli import main, parse_args
+
+    out = tmp_path / "panels.png"
+    flags = ["--prompts", "a red circle", "an apple", "--n_per_prompt", "1", "--steps", "2", "--output", str(out)]
+    with pytest.raises(UserError):
+        main(parse_args(["panels", "--base", str(SHIPPED), "--unet", f"same={SHIPPED / 'unet'}", "gone=/no/such/unet",
+                         *flags]))
+    assert not out.exists()
+    main(parse_args(["panels", "--base", str(SHIPPED), "--unet", f"same={SHIPPED / 'unet'}", *flags]))
+    from PIL import Image
+
+    grid = np.asarray(Image.open(out).convert("RGB"))
+    cell = 2 * 32 + 2  # a 32-pixel image shown twice as large, and the gap
+    assert grid.shape[:2] == (14 + 2 * cell, 150 + 2 * (cell + 12))  # title row + 2 prompts; label column + 2 blocks
+    base, same = grid[14:, 150:150 + cell - 2], grid[14:, 150 + cell + 12:150 + 2 * cell + 10]
+    assert np.array_equal(base, same)  # the base U-Net loaded as an 'erased' one draws the same images

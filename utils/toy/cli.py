@@ -22,7 +22,7 @@ import torch
 from utils.cli import ArgumentParser, HelpFormatter, UserError, add_threads_arg, apply_threads, run
 from utils.eval.common import write_json, write_png
 from utils.toy import measure as M
-from utils.toy.grids import before_after_grid, quality_grid
+from utils.toy.grids import before_after_grid, panel_grid, quality_grid
 from utils.toy.judge import judge
 from utils.toy.language import COLOURS
 from utils.toy.render import make_dataset
@@ -169,6 +169,31 @@ def main_compare(args: argparse.Namespace) -> dict:
     return res
 
 
+# the prompts of the README's picture: red named, paraphrased and implied, its neighbour, then one of each other colour
+PANEL_PROMPTS = ("a red circle", "red", "a circle in crimson", "an apple", "a brick", "a orange circle", "a pumpkin",
+                 "a yellow triangle", "a green square", "a blue circle", "a purple triangle")
+
+
+def main_panels(args: argparse.Namespace) -> Path:
+    """`panels`: the same prompts and seeds drawn by the base model and by each labelled U-Net, side by side."""
+    out = _png_output(args.output)
+    models = [("base model", None)]
+    for spec in args.unet:
+        label, sep, path = spec.rpartition("=")
+        models.append((label if sep else path, path))
+    pipes = [(title, M.load_pipeline(args.base, unet, args.device)) for title, unet in models]  # all checked first
+    n = args.n_per_prompt
+    prompts = [p for p in args.prompts for _ in range(n)]
+    seeds = [M.image_seed(p, j, args.seed) for p in args.prompts for j in range(n)]
+    panels = []
+    for title, pipe in pipes:
+        images = M.sample_images(pipe, prompts, seeds, desc=title, **_sampling(args))
+        panels.append((title, {p: images[i * n:(i + 1) * n] for i, p in enumerate(args.prompts)}))
+    write_png(out, panel_grid(panels, show=min(args.show, n)))
+    print(f"wrote {out}")
+    return out
+
+
 def main_prompts(args: argparse.Namespace) -> None:
     """`prompts`: the erasure (or quality) prompts with their seeds as a CSV for generate.py."""
     items = M.erasure_items(args.concepts, args.n_per_prompt, args.seed) if args.concepts else \
@@ -189,7 +214,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser, n: int) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse `python -m utils.toy {train,judge,quality,compare,prompts} ...`."""
+    """Parse `python -m utils.toy {train,judge,quality,compare,panels,prompts} ...`."""
     parser = ArgumentParser(prog="python -m utils.toy", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -233,6 +258,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="PNG grid, before on the left, after on the right; JSON beside it")
     _add_sampling_flags(p, 8)
     p.set_defaults(func=main_compare)
+
+    p = sub.add_parser("panels", help="base model and erased U-Nets side by side on the same prompts and seeds (PNG)",
+                       formatter_class=HelpFormatter)
+    p.add_argument("--base", default="assets/toy-sd", help="base pipeline folder")
+    p.add_argument("--unet", nargs="+", required=True, help="LABEL=PATH (or PATH) of each erased U-Net folder or file")
+    p.add_argument("--prompts", nargs="+", default=list(PANEL_PROMPTS), help="the rows")
+    p.add_argument("--output", required=True, help="PNG file")
+    _add_sampling_flags(p, 6)
+    p.set_defaults(func=main_panels)
 
     p = sub.add_parser("prompts", help="the measurement prompts with per-image seeds as a generate.py CSV",
                        formatter_class=HelpFormatter)
