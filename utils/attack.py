@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from utils.cli import UserError
 from utils.eval.common import load_image_folder, load_rgb
 from utils.models import SDParts, cast
+from utils.saving import atomic_write
 from utils.text import read_word_list
 from utils.optim import autocast_to, make_adamw
 from utils.checkpoints import NEUTRAL_FLAGS, StopOnSignal, prune_checkpoints, run_identity, write_checkpoint
@@ -197,10 +198,8 @@ def denoising_loss(inv: Inversion, latents: torch.Tensor, captions: Sequence[str
 
 def save_embedding(path: str | os.PathLike, placeholder: str, learned: torch.Tensor, metadata: dict[str, str]) -> None:
     """{placeholder: (N, D) tensor} as safetensors, the layout pipe.load_textual_inversion(path) reads; atomic."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({placeholder: learned.detach().float().cpu().contiguous()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    tensors = {placeholder: learned.detach().float().cpu().contiguous()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def attack_identity(args) -> dict:

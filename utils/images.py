@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from utils.saving import atomic_write
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -35,8 +36,4 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str] | No
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> None:
     """Save through a temp name and a rename, so no half-written PNG survives."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    image.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

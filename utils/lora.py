@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from utils.cli import ArgumentParser, HelpFormatter, UserError, resolve_device, run
-from utils.saving import apply_erasure, read_erasure
+from utils.saving import apply_erasure, atomic_write, read_erasure
 
 LORA_FORMAT = "sdd-erasure-lora-v1"
 PREFIX = "lora_unet_"
@@ -171,11 +171,8 @@ def export_lora(erasure: str | os.PathLike, output: str | os.PathLike | None = N
     info = {"format": LORA_FORMAT, "source": Path(erasure).name, "rank": str(rank or ""),
             "energy": "" if energy is None else str(energy), "save_precision": save_precision}
     dtype = SAVE_PRECISIONS[save_precision]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata=lora_metadata(summary, meta, info))
-    os.replace(tmp, out)
+    tensors = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
+    atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=lora_metadata(summary, meta, info)))
     summary["size_bytes"] = out.stat().st_size
     log.info("LoRA %s: %s", out, json.dumps({k: v for k, v in summary.items() if k != "retained"}))
     return summary

@@ -60,10 +60,8 @@ def save_erasure(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
     """Write only the trained U-Net tensors (by parameter name) with base model, method and concepts as metadata."""
     meta = {"format": ERASURE_FORMAT}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def read_erasure(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -18,6 +18,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from utils.cli import UserError
+from utils.images import save_png
 from utils.saving import atomic_write, atomic_write_text
 
 METADATA = "metadata.csv"
@@ -159,7 +160,8 @@ def write_csv(path: Path, df: pd.DataFrame) -> Path:
 
 def write_png(path: Path, image: Image.Image) -> Path:
     """Atomically write a PNG."""
-    return atomic_write(path, lambda t: image.save(t, format="PNG"))
+    save_png(image, path)
+    return Path(path)
 
 
 def _jsonable(x):

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.cli import setup_logging
-from utils.saving import atomic_write_text
+from utils.saving import atomic_write, atomic_write_text
 from utils.toy.judge import judge
 from utils.toy.language import COLOURS, SHAPES, caption_distribution, vocabulary
 from utils.toy.render import RESOLUTION, make_dataset
@@ -116,8 +116,7 @@ def _resumable_loop(name: str, modules: dict[str, torch.nn.Module], params: list
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == steps:
             state = {k: m.state_dict() for k, m in modules.items()}
             state.update(opt=opt.state_dict(), sched=sched.state_dict(), gen=gen.get_state(), step=step + 1)
-            torch.save(state, ckpt.with_suffix(".tmp"))
-            os.replace(ckpt.with_suffix(".tmp"), ckpt)
+            atomic_write(ckpt, lambda tmp: torch.save(state, tmp))
     for m in modules.values():
         m.eval()
 
