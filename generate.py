@@ -14,9 +14,9 @@ Modes (MODES below): --pipeline_type picks the pipeline class, --pipeline_config
 To add a mode, add one MODES entry: Mode(PipelineClass, {"config": lambda a: {extra __call__ kwargs}}); `default`
 names the default config (else the first), `a` is the parsed args, `attrs` sets attributes on the built pipeline and
 `concept_configs` lists the configs that use --safety_concept (None: all). Any pipeline whose constructor takes the
-SD parts and whose __call__ takes prompt, latents and guidance_scale fits. --unet_path (a diffusers U-Net folder or
-an erasure .safetensors file) is applied to the base U-Net before any mode is built, then the LoRAs
-of --lora_path (docs/lora.md).
+SD parts and whose __call__ takes prompt, latents and guidance_scale fits. --unet_path (a diffusers U-Net folder, an
+erasure .safetensors file or a training checkpoint folder) is applied to the base U-Net before any mode is built, then
+the LoRAs of --lora_path (docs/lora.md).
 
 Reproducibility: image j of prompt i starts from the (j+1)-th latent of shape (1, C, H/f, W/f) drawn from
 torch.Generator("cpu").manual_seed(seed), seed = the file's seed, else --seed + i (i = the prompt's index in the
@@ -115,7 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--revision", default=None, help="hub revision of the base pipeline")
     p.add_argument("--variant", default=None, help="weight variant of the base pipeline, e.g. fp16")
     p.add_argument("--unet_path", default=None, help="erased U-Net: a diffusers U-Net folder (train_*.py's "
-                   "OUTPUT_DIR/unet) or an erasure .safetensors file applied onto the base U-Net; any mode")
+                   "OUTPUT_DIR/unet), an erasure .safetensors file or a training checkpoint folder (OUTPUT_DIR/checkpoint-N) "
+                   "applied onto the base U-Net; any mode")
     p.add_argument("--tokenizer_path", default=None, help="a tokenizer folder replacing the base's (reference flag)")
     p.add_argument("--text_encoder_path", default=None,
                    help="a CLIP text encoder folder replacing the base's (reference flag)")

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from utils.checkpoints import list_checkpoints  # noqa: E402
 from utils.cli import ArgumentParser, HelpFormatter, UserError, add_threads_arg, apply_threads, run  # noqa: E402
 from utils.eval.common import write_json  # noqa: E402
-from utils.saving import atomic_write_text  # noqa: E402
+from utils.saving import atomic_write_text, checkpoint_weights  # noqa: E402
 from utils.toy import measure as M  # noqa: E402
 
 # the toy-world targets of the erasure demos (docs/toy_world.md)
@@ -77,12 +77,6 @@ def train_one(args: argparse.Namespace, combo: dict[str, str], out: Path) -> Non
     argv += args.extra  # last, so that its values win (argparse keeps the last)
     with contextlib.redirect_stdout(io.StringIO()):
         module.main(module.parse_args(argv))
-
-
-def result_state(ckpt: Path, method: str) -> dict[str, torch.Tensor]:
-    """The weights a method's checkpoint would save as its result: SDD's EMA teacher, ESD's student."""
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-    return state["method"] if method == "sdd" and state["method"] else state["student"]
 
 
 def meets(res: dict) -> bool:
@@ -147,7 +141,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         train_one(args, combo, out / name)
         for ckpt in list_checkpoints(out / name):
             step = int(ckpt.name.split("-")[1])
-            pipe.unet.load_state_dict({**base_state, **result_state(ckpt, args.method)})
+            pipe.unet.load_state_dict({**base_state, **checkpoint_weights(ckpt)})
             res = M.erasure(items, before, M.draw(pipe, items, desc=f"{name} step {step}"), concepts)
             rows.append(dict(run=name, step=step, flags=combo, res=res))
             print(format_rows(rows[-1:]).splitlines()[-1], flush=True)

@@ -54,6 +54,7 @@ TINY: dict[str, list[str]] = {
                                     "--final_n_per_prompt", "1"],
     "benchmarks/sweep_toy.py": ["--max_steps", "2", "--check_every", "2", "--n_per_prompt", "1"],
     "benchmarks/empty_mix.py": ["--n", "2", "--steps", "2", "--ddpm_steps", "2"],
+    "benchmarks/target_drift.py": ["--num_images", "1", "--num_inference_steps", "2", "--timesteps", "500"],
     "run_sdd_toy.sh": [],  # its python processes get theirs through the shim
     "run_esd_toy.sh": [],
     "benchmarks/gpu_check.sh": [],

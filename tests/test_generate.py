@@ -272,10 +272,11 @@ def bad_erasure_file(tmp_path: Path) -> Path:
     ("config of another mode", ["--pipeline_type", "sd", "--pipeline_config", "max"], "does not exist for"),
     ("range selects nothing", ["--start", "4"], "select none"),
     ("not a U-Net", ["--unet_path", "{tmp}/noprompt.csv"], "not a safetensors erasure file"),
-    ("empty folder", ["--unet_path", "{tmp}"], "neither a diffusers U-Net folder"),
+    ("empty folder", ["--unet_path", "{tmp}"], "is not a diffusers U-Net folder"),
     ("missing unet", ["--unet_path", "{tmp}/nope"], "does not exist"),
     ("U-Net of another model", ["--unet_path", "{bad_unet}"], "does not fit"),
     ("erasure of another model", ["--unet_path", "{bad_erasure}"], "does not fit"),
+    ("broken checkpoint", ["--unet_path", "{tmp}/checkpoint-5"], "is not a checkpoint of train_sdd.py"),
     ("odd size", ["--height", "15"], "multiples of 2"),
 ])
 def test_bad_input_writes_nothing(tiny_pipeline, prompt_csv, tmp_path, case, flags, message):
@@ -283,6 +284,8 @@ def test_bad_input_writes_nothing(tiny_pipeline, prompt_csv, tmp_path, case, fla
     inputs.mkdir()
     (inputs / "noprompt.csv").write_text("text\na cat\n")
     (inputs / "empty.txt").write_text("\n\n")
+    (inputs / "checkpoint-5").mkdir()
+    (inputs / "checkpoint-5" / "state.pt").write_text("not a torch file")
     subs = {"tmp": str(inputs), "bad_unet": str(bad_unet_folder(tmp_path)) if "U-Net of" in case else "",
             "bad_erasure": str(bad_erasure_file(tmp_path)) if "erasure of" in case else ""}
     flags = [f.format(**subs) for f in flags]
@@ -394,6 +397,8 @@ def test_default_image_dir(tiny_pipeline, prompt_csv, erased, tmp_path, monkeypa
         Path("outputs/country_body/stable-diffusion-v1-4_sld-max")
     for unet in ("outputs/sdd-nudity/unet", "outputs/sdd-nudity/unet/", "outputs/sdd-nudity/erasure.safetensors"):
         assert default_image_dir("i2p 4703.csv", "x", unet, "sd", "none") == Path("outputs/i2p-4703/sdd-nudity_sd-none")
+    assert default_image_dir("a.txt", "x", "outputs/sdd-nudity/checkpoint-300/", "sd", "none") == \
+        Path("outputs/a/sdd-nudity-checkpoint-300_sd-none")
     monkeypatch.chdir(tmp_path)
     main(parse_args(["--pretrained_model_name_or_path", str(tiny_pipeline), "--prompt_path", str(prompt_csv),
                      "--num_inference_steps", STEPS, "--end", "1", "--unet_path", str(erased[1])]))

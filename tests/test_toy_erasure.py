@@ -1,7 +1,8 @@
 """Erasure measured on the shipped toy model: ESD with the demo's settings removes the word red, also from a held-out
-phrasing and an object, while blue and green stay."""
+phrasing and an object, while blue and green stay; and the target-drift diagnostic on that run and its checkpoint."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,13 +14,21 @@ ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "assets" / "toy-sd"
 
 
-@pytest.mark.skipif(not (TOY / "model_index.json").exists(), reason="assets/toy-sd not present")
-def test_esd_erases_the_word_red_and_keeps_blue_and_green(tmp_path, one_thread):
-    out = train_esd.main(train_esd.parse_args([
+pytestmark = pytest.mark.skipif(not (TOY / "model_index.json").exists(), reason="assets/toy-sd not present")
+
+
+@pytest.fixture(scope="module")
+def esd_run(tmp_path_factory, one_thread) -> Path:
+    """run_esd_toy.sh's training (40 steps), with a checkpoint at step 20 and at the end."""
+    return train_esd.main(train_esd.parse_args([
         "--pretrained_model_name_or_path", str(TOY), "--removing_concepts", "red", "--num_train_steps", "40",
         "--train_batch_size", "4", "--learning_rate", "1e-4", "--num_ddim_steps", "20", "--guidance_scale", "3",
-        "--negative_guidance", "1", "--checkpointing_steps", "1000", "--seed", "0", "--device", "cpu",
-        "--threads", "1", "--output_dir", str(tmp_path / "esd")]))
+        "--negative_guidance", "1", "--checkpointing_steps", "20", "--seed", "0", "--device", "cpu",
+        "--threads", "1", "--output_dir", str(tmp_path_factory.mktemp("esd") / "esd")]))
+
+
+def test_esd_erases_the_word_red_and_keeps_blue_and_green(esd_run, one_thread):
+    out = esd_run
     prompts = [("a red circle", "red"), ("red square", "red"), ("a circle in crimson", "red"), ("an apple", "red"),
                ("a blue triangle", "blue"), ("a green square", "green")]
     items = [M.Item(p, M.image_seed(p, j, 7), "", c, None) for p, c in prompts for j in range(4)]
@@ -36,3 +45,27 @@ def test_esd_erases_the_word_red_and_keeps_blue_and_green(tmp_path, one_thread):
     assert rate(after, "red", red_named) <= 0.25
     assert rate(after, "red", red_unseen) <= 0.25  # a held-out phrasing and an object lose red too
     assert rate(after, "blue", {"a blue triangle"}) >= 0.75 and rate(after, "green", {"a green square"}) >= 0.75
+
+
+def test_target_drift_on_the_esd_run_and_its_checkpoints(esd_run, tmp_path, one_thread):
+    """The base U-Net against itself moves nothing; ESD moves red's estimate more than the empty prompt's and the
+    other colours'; --with_checkpoints puts the run's earlier checkpoint first; the checkpoint at the last step is
+    the saved U-Net; a timestep out of range is refused."""
+    from benchmarks import target_drift
+    from utils.cli import UserError
+
+    assert sorted(p.name for p in esd_run.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-40"]
+    small = ["--num_images", "1", "--num_inference_steps", "4", "--threads", "1"]
+    flags = [*small, "--timesteps", "300", "700"]
+    units = [str(TOY / "unet"), str(esd_run / "checkpoint-40"), str(esd_run / "unet")]
+    res = target_drift.main(target_drift.parse_args(["--unet", *units, "--with_checkpoints", "--output",
+                                                     str(tmp_path / "d.json"), *flags]))
+    assert list(res) == [*units[:2], str(esd_run / "checkpoint-20"), units[2]]  # the run's checkpoints before it
+    same, step40, step20, final = res.values()
+    assert same["uncond"] == same["concept"] == same["kept"] == 0 and same["gap"] == pytest.approx(1)
+    assert step40 == pytest.approx(final, abs=1e-6)
+    assert final["concept"] > 2 * max(final["uncond"], final["kept"])
+    assert 0 < step20["concept"] != final["concept"]
+    assert 0 < json.loads((tmp_path / "d.json").read_text())["shared_positions"] < 16
+    with pytest.raises(UserError, match="outside 0..999"):
+        target_drift.main(target_drift.parse_args(["--unet", units[0], *small, "--timesteps", "1000"]))

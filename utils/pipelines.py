@@ -145,11 +145,14 @@ def _tag(text: str) -> str:
 
 def default_image_dir(prompt_path: str, model: str, unet_path: str | None, pipeline_type: str,
                       pipeline_config: str) -> Path:
-    """outputs/<prompt file stem>/<model>_<type>-<config>; <model> is the erased U-Net's run folder, else the base
-    model's name (outputs/country_body/sdd-nudity_sd-none, outputs/country_body/stable-diffusion-v1-4_sld-max)."""
+    """outputs/<prompt file stem>/<model>_<type>-<config>; <model> is the erased U-Net's run folder (with the step for
+    a checkpoint), else the base model's name (outputs/country_body/sdd-nudity_sd-none,
+    outputs/country_body/sdd-nudity-checkpoint-300_sd-none, outputs/country_body/stable-diffusion-v1-4_sld-max)."""
     if unet_path:
         path = Path(unet_path.rstrip("/\\"))
         name = path.parent.name if path.name == "unet" or path.suffix == ".safetensors" else path.name
+        if path.name.startswith("checkpoint-"):
+            name = f"{path.parent.name}-{path.name}"
     else:
         name = Path(model.rstrip("/\\")).name
     return Path("outputs") / _tag(Path(prompt_path).stem) / f"{_tag(name)}_{pipeline_type}-{pipeline_config}"

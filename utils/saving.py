@@ -78,37 +78,58 @@ def read_erasure(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 
 
 @torch.no_grad()
-def apply_erasure(unet: torch.nn.Module, path: str | os.PathLike) -> dict[str, str]:
-    """Copy an erasure file's tensors into `unet` in place; refuse if any name or shape does not fit."""
-    tensors, meta = read_erasure(path)
+def copy_into(unet: torch.nn.Module, tensors: Mapping[str, torch.Tensor], source: str, base_model: str = "?") -> None:
+    """Copy U-Net tensors (by parameter name) into `unet` in place; refuse if any name or shape does not fit."""
     params = dict(unet.named_parameters())
     missing = [k for k in tensors if k not in params]
     if missing:
-        raise UserError(f"erasure file {path} does not fit this U-Net: {len(missing)} tensors are not in it "
-                        f"(first: {missing[0]}); was it made for base model {meta.get('base_model', '?')}?")
+        raise UserError(f"{source} does not fit this U-Net: {len(missing)} tensors are not in it "
+                        f"(first: {missing[0]}); was it made for base model {base_model}?")
     bad = [k for k, v in tensors.items() if v.shape != params[k].shape]
     if bad:
         k = bad[0]
-        raise UserError(f"erasure file {path} does not fit this U-Net: {k} has shape {tuple(tensors[k].shape)}, "
-                        f"the U-Net has {tuple(params[k].shape)}; was it made for base model {meta.get('base_model', '?')}?")
+        raise UserError(f"{source} does not fit this U-Net: {k} has shape {tuple(tensors[k].shape)}, "
+                        f"the U-Net has {tuple(params[k].shape)}; was it made for base model {base_model}?")
     for k, v in tensors.items():
         params[k].copy_(v.to(params[k].dtype))
+
+
+def apply_erasure(unet: torch.nn.Module, path: str | os.PathLike) -> dict[str, str]:
+    """Copy an erasure file's tensors into `unet` in place; refuse if any name or shape does not fit."""
+    tensors, meta = read_erasure(path)
+    copy_into(unet, tensors, f"erasure file {path}", meta.get("base_model", "?"))
     return meta
 
 
+def checkpoint_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A training checkpoint's result: the method's own weights where it keeps some (SDD's EMA teacher), else the
+    student's (ESD): what the run would save as its U-Net at that step."""
+    try:
+        blob = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=False)
+        return blob["method"] or blob["student"]
+    except Exception as e:  # torch raises several types for files it cannot unpickle
+        raise UserError(f"{folder}/state.pt is not a checkpoint of train_sdd.py / train_esd.py "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def load_unet_into(unet: torch.nn.Module, unet_path: str | os.PathLike) -> str:
-    """Replace `unet`'s weights from a diffusers U-Net folder or an erasure file; return which kind it was."""
+    """Replace `unet`'s weights from a diffusers U-Net folder, an erasure file or a training checkpoint folder
+    (checkpoint-N/ of train_sdd.py / train_esd.py); return which kind it was."""
     path = Path(unet_path)
     if not path.exists():
         raise UserError(f"--unet_path {unet_path} does not exist")
     if path.is_file():
         apply_erasure(unet, path)
         return "erasure"
+    if (path / "state.pt").is_file():
+        copy_into(unet, checkpoint_weights(path), f"checkpoint {path}")
+        return "checkpoint"
     folder = path / "unet" if (path / "unet" / "config.json").exists() else path
     weights = sorted(folder.glob("diffusion_pytorch_model*.safetensors")) + sorted(folder.glob("diffusion_pytorch_model*.bin"))
     if not (folder / "config.json").exists() or not weights:
-        raise UserError(f"--unet_path {unet_path} is neither a diffusers U-Net folder (config.json + "
-                        f"diffusion_pytorch_model.safetensors) nor an erasure .safetensors file")
+        raise UserError(f"--unet_path {unet_path} is not a diffusers U-Net folder (config.json + "
+                        f"diffusion_pytorch_model.safetensors), an erasure .safetensors file or a training "
+                        f"checkpoint folder (state.pt)")
     from diffusers import UNet2DConditionModel  # local: keeps this module light for the erasure-only path
 
     try:
