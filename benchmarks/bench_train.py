@@ -13,10 +13,9 @@ torch.cuda.max_memory_allocated after a reset on a GPU; "load peak" is the peak 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import logging
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from benchmarks.step_timing import Meter, StepWatcher, watching  # noqa: E402
 from utils.cli import ArgumentParser, HelpFormatter, UserError, run  # noqa: E402
 
 MODELS = ("sd14", "toy", "tiny")
@@ -64,74 +64,22 @@ class _Done(BaseException):
     """Raised by the probe after the last measured step: the run's result is not saved (not part of a step)."""
 
 
-class Meter:
-    """Peak memory since `reset()` and step timestamps, for the CPU (VmHWM) or a CUDA device."""
-
-    def __init__(self, device: str) -> None:
-        import torch
-        self.torch = torch
-        self.cuda = device.startswith("cuda")
-        self.times: list[float] = []
-        self.load_peak = self.peak = self.start_resident = None
-        self.exact = True
-
-    def now(self) -> float:
-        """perf_counter after the device finished its queued work."""
-        if self.cuda:
-            self.torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def _status(self, key: str) -> float:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-        raise KeyError(key)
-
-    def reset(self) -> None:
-        """Remember the peak so far (loading), then restart peak tracking from the current usage."""
-        if self.cuda:
-            self.load_peak = self.torch.cuda.max_memory_allocated()
-            self.start_resident = self.torch.cuda.memory_allocated()
-            self.torch.cuda.reset_peak_memory_stats()
-        else:
-            self.load_peak, self.start_resident = self._status("VmHWM"), self._status("VmRSS")
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:  # not Linux or not allowed: the peak then includes loading
-                self.exact = False
-        self.times = [self.now()]
-
-    def mark_step(self) -> None:
-        """Timestamp the end of a step."""
-        self.times.append(self.now())
-
-    def read_peak(self) -> None:
-        """Peak since reset()."""
-        self.peak = self.torch.cuda.max_memory_allocated() if self.cuda else self._status("VmHWM")
-
-    def result(self) -> dict:
-        """Step durations and memory numbers (bytes)."""
-        return dict(step_s=[b - a for a, b in zip(self.times, self.times[1:])], peak=self.peak,
-                    load_peak=self.load_peak, start_resident=self.start_resident, exact_peak=self.exact)
-
-
-class _StepProbe(logging.Handler):
-    """Watches our trainer's log: resets the meter at "training starts", marks each "step N", stops after the last."""
+class _StepProbe(StepWatcher):
+    """Resets the meter when training starts, marks each step, stops the run after the last measured one."""
 
     def __init__(self, meter: Meter, steps: int) -> None:
         super().__init__()
         self.meter, self.steps, self.ks = meter, steps, []
 
-    def emit(self, record: logging.LogRecord) -> None:
-        msg = record.getMessage()
-        if msg.startswith("training starts"):
-            self.meter.reset()
-        elif (m := re.match(r"step (\d+) loss .* k (\d+) ", msg)):
-            self.meter.mark_step()
-            self.ks.append(int(m.group(2)))
-            if int(m.group(1)) >= self.steps:
-                self.meter.read_peak()
-                raise _Done
+    def started(self) -> None:
+        self.meter.reset()
+
+    def stepped(self, step: int, k: int) -> None:
+        self.meter.mark_step()
+        self.ks.append(k)
+        if step >= self.steps:
+            self.meter.read_peak()
+            raise _Done
 
 
 def train_argv(spec: dict, out: Path) -> list[str]:
@@ -160,7 +108,6 @@ def worker(spec: dict) -> dict:
 
     import train_esd
     import train_sdd
-    from utils import trainer
     from utils.cli import resolve_device
 
     if spec["threads"]:
@@ -172,20 +119,8 @@ def worker(spec: dict) -> dict:
         args = mod.parse_args(train_argv(spec, Path(tmp) / "out"))
         if spec["layout"] == "ours":
             probe = _StepProbe(meter, spec["steps"])
-            original = trainer.setup_logging
-
-            def setup_logging(*a, **kw):
-                logger = original(*a, **kw)
-                logger.addHandler(probe)
-                return logger
-
-            trainer.setup_logging = setup_logging
-            try:
+            with watching(probe), contextlib.suppress(_Done):
                 mod.main(args)
-            except _Done:
-                pass
-            finally:
-                trainer.setup_logging = original
             ks, phases = probe.ks, None
         else:
             from benchmarks.reference_layout import ReferenceLayout

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import io
 import json
-import logging
 import os
 import re
 import sys
@@ -34,7 +33,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+from benchmarks.step_timing import StepWatcher, watching  # noqa: E402
 from utils.cli import ArgumentParser, HelpFormatter, UserError, run  # noqa: E402
+from utils.saving import checkpoint_weights  # noqa: E402
 
 TOY_DIR = ROOT / "assets" / "toy-sd"
 RUN_RE = re.compile(r"^(reference|ours)(?:-m(\d+))?(?:-r(\d+))?(?:-b(\d+))?$")
@@ -61,8 +62,8 @@ def run_spec(text: str) -> RunSpec:
 
 
 # ------------------------------------------------------------------------------------------------ contestants
-class _StepTimer(logging.Handler):
-    """Times our trainer's steps from its log: from "training starts" (or the previous step) to each "step N"."""
+class _StepTimer(StepWatcher):
+    """Adds up our trainer's step times: from "training starts" (or the previous step) to each logged step."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -70,15 +71,15 @@ class _StepTimer(logging.Handler):
         self.seconds = 0.0
         self.steps = 0
 
-    def emit(self, record: logging.LogRecord) -> None:
-        msg = record.getMessage()
-        if msg.startswith("training starts"):
-            self.last = time.perf_counter()
-        elif msg.startswith("step ") and " loss " in msg and self.last is not None:
-            now = time.perf_counter()
+    def started(self) -> None:
+        self.last = time.perf_counter()
+
+    def stepped(self, step: int, k: int) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
             self.seconds += now - self.last
             self.steps += 1
-            self.last = now
+        self.last = now
 
 
 @dataclass
@@ -105,23 +106,11 @@ class Contestant:
             self.steps += n
             return
         import train_sdd
-        from utils import trainer
         timer = _StepTimer()
-        original = trainer.setup_logging
-
-        def setup_logging(*a, **kw):
-            logger = original(*a, **kw)
-            logger.addHandler(timer)
-            return logger
-
         self.args.num_train_steps = self.steps + n
         self.args.resume_from_checkpoint = "latest" if self.steps else None
-        trainer.setup_logging = setup_logging
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                train_sdd.main(self.args)
-        finally:
-            trainer.setup_logging = original
+        with watching(timer), contextlib.redirect_stdout(io.StringIO()):
+            train_sdd.main(self.args)
         if timer.steps != n:
             raise RuntimeError(f"{self.spec.name}: expected {n} timed steps, got {timer.steps}")
         self.seconds += timer.seconds
@@ -129,11 +118,9 @@ class Contestant:
 
     def teacher_state(self) -> dict:
         """The EMA teacher's tensors (ours: the trained subset from the last checkpoint; reference: the full U-Net)."""
-        import torch
         if self.spec.layout == "reference":
             return {k: v.detach().clone() for k, v in self.ref.result().state_dict().items()}
-        ckpt = Path(self.args.output_dir) / f"checkpoint-{self.steps}" / "state.pt"
-        return torch.load(ckpt, map_location="cpu", weights_only=False)["method"]
+        return checkpoint_weights(Path(self.args.output_dir) / f"checkpoint-{self.steps}")
 
 
 def make_contestant(spec: RunSpec, args: argparse.Namespace, out_root: Path) -> Contestant:
