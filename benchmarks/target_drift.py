@@ -152,6 +152,9 @@ def format_table(rows: dict, first: str) -> str:
 
 
 def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    missing = [u for u in args.unet if not Path(u).exists()]
+    if missing:
+        raise UserError(f"--unet {' '.join(missing)} does not exist")
     device = resolve_device(args.device)
     apply_threads(args.threads, device)
     pipe = M.load_pipeline(args.model, None, str(device))

@@ -67,5 +67,7 @@ def test_target_drift_on_the_esd_run_and_its_checkpoints(esd_run, tmp_path, one_
     assert final["concept"] > 2 * max(final["uncond"], final["kept"])
     assert 0 < step20["concept"] != final["concept"]
     assert 0 < json.loads((tmp_path / "d.json").read_text())["shared_positions"] < 16
+    with pytest.raises(UserError, match="--unet .*nope does not exist"):
+        target_drift.main(target_drift.parse_args(["--unet", str(tmp_path / "nope"), *flags]))
     with pytest.raises(UserError, match="outside 0..999"):
         target_drift.main(target_drift.parse_args(["--unet", units[0], *small, "--timesteps", "1000"]))
