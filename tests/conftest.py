@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny Stable Diffusion pipelines built in code, and an offline hub."""
+"""Shared fixtures: tiny Stable Diffusion pipelines built in code, an offline hub, and the generation tests' prompt file
+and reference run."""
 from __future__ import annotations
 
 import os
@@ -37,3 +38,27 @@ def tiny_vpred_pipeline(tmp_path_factory) -> Path:
     """A tiny v-prediction pipeline with a DDIM scheduler, shaped like SD 2.x."""
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-v") / "pipe", prediction_type="v_prediction",
                                scheduler="ddim", seed=1)
+
+
+# ---------------------------------------------------------------- generation: a prompt file and a reference run
+@pytest.fixture(scope="module")
+def prompt_csv(tmp_path_factory) -> Path:
+    """Four prompts: two guidance scales (one from the flag), a seed from the file, and a carried column."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.csv"
+    path.write_text("prompt,evaluation_seed,evaluation_guidance,tag\n"
+                    "a photo of a cat,11,,x\n"
+                    "red circle,,5,y\n"
+                    "green square dog,,,z\n"
+                    "a nude body,42,5,w\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pipeline, prompt_csv, tmp_path_factory) -> Path:
+    """One single-process run: 4 prompts x 2 images, batch size 4."""
+    from gen_util import generate
+
+    out = tmp_path_factory.mktemp("ref") / "images"
+    summary = generate(tiny_pipeline, prompt_csv, out, "--num_images_per_prompt", "2", "--batch_size", "4")
+    assert summary["written"] == 8 and summary["skipped"] == 0
+    return out

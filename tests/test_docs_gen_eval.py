@@ -15,7 +15,7 @@ from PIL import Image
 import evaluate
 import generate
 from docs_util import GEN_EVAL_PAGES, ROOT, doc_commands
-from test_evaluate import make_tiny_clip
+from eval_util import make_tiny_clip
 from utils.eval.fid import InceptionFID
 from utils.saving import save_erasure
 from utils.tiny import tiny_unet
