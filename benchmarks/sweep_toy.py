@@ -116,6 +116,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_steps", type=int, default=600, help="training steps of each run")
     p.add_argument("--check_every", type=int, default=100, help="measure every N steps (the checkpoints)")
     p.add_argument("--n_per_prompt", type=int, default=4, help="images per measurement prompt")
+    p.add_argument("--steps", type=int, default=M.DEFAULT_STEPS, help="DDIM steps of the measurement images")
     p.add_argument("--seed", type=int, default=0, help="seed of the measurement images")
     add_threads_arg(p)
     p.add_argument("--output_dir", required=True, help="one folder per run, plus sweep.md and sweep.json")
@@ -134,7 +135,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     pipe = M.load_pipeline(args.model)
     base_state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     items = M.erasure_items(concepts, args.n_per_prompt, args.seed)
-    before = M.draw(pipe, items, desc="base model")
+    before = M.draw(pipe, items, desc="base model", num_inference_steps=args.steps)
     rows = []
     for combo in combinations(parse_grid(args.grid)):
         name = run_name(combo)
@@ -142,7 +143,8 @@ def main(args: argparse.Namespace) -> list[dict]:
         for ckpt in list_checkpoints(out / name):
             step = int(ckpt.name.split("-")[1])
             pipe.unet.load_state_dict({**base_state, **checkpoint_weights(ckpt)})
-            res = M.erasure(items, before, M.draw(pipe, items, desc=f"{name} step {step}"), concepts)
+            after = M.draw(pipe, items, desc=f"{name} step {step}", num_inference_steps=args.steps)
+            res = M.erasure(items, before, after, concepts)
             rows.append(dict(run=name, step=step, flags=combo, res=res))
             print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
     table = format_rows(rows)
