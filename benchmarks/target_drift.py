@@ -13,11 +13,11 @@ latent, then averaged:
 
 An erasure that did only its job has a small uncond and kept drift next to its concept drift. It also prints how many
 token positions of the concept's text encoding are nearly the empty prompt's (cross-attention keys and values that an
-edit for the concept shares with the unconditional estimate). Several --unet (e.g. a
-run's checkpoints) are measured on the same latents and summarised in one table (means over the timesteps).
+edit for the concept shares with the unconditional estimate). Several --unet are measured on the same latents and
+summarised in one table (means over the timesteps); with --with_checkpoints each run's checkpoint-N folders come
+first, so the table shows the drift growing over training.
 
-    python benchmarks/target_drift.py --unet outputs/toy-sdd/checkpoint-100 outputs/toy-sdd/checkpoint-200 \
-        outputs/toy-sdd/checkpoint-300 outputs/toy-sdd/unet outputs/toy-esd/unet --concept red
+    python benchmarks/target_drift.py --unet outputs/toy-sdd/unet outputs/toy-esd/unet --with_checkpoints
     python benchmarks/target_drift.py --model CompVis/stable-diffusion-v1-4 --unet outputs/sdd/unet \\
         --concept nudity --prompts "a photo of a person" --keep_prompts "a photo of a dog" --device cuda
 """
@@ -41,7 +41,7 @@ from utils.cli import (ArgumentParser, HelpFormatter, UserError, add_threads_arg
                        resolve_device, run)
 from utils.eval.common import write_json  # noqa: E402
 from utils.checkpoints import list_checkpoints  # noqa: E402
-from utils.saving import load_unet_into, read_erasure  # noqa: E402
+from utils.saving import load_unet_into, read_erasure, run_folder  # noqa: E402
 from utils.text import encode_text  # noqa: E402
 from utils.toy import measure as M  # noqa: E402
 from utils.toy.language import COLOURS  # noqa: E402
@@ -86,8 +86,7 @@ def with_checkpoints(paths: Sequence[str]) -> list[str]:
     """Each path preceded by its run's checkpoint folders, oldest first, without the one that is the saved result."""
     out = []
     for p in paths:
-        path = Path(p)
-        run = path.parent if path.name == "unet" or path.is_file() else path
+        run = run_folder(p)
         steps = None
         if (run / "erasure.safetensors").is_file():
             steps = int(read_erasure(run / "erasure.safetensors")[1].get("num_train_steps", 0)) or None
@@ -102,19 +101,10 @@ def toy_circles(colours: Sequence[str]) -> list[str]:
 
 
 def base_latents(pipe, prompts: Sequence[str], n: int, steps: int, guidance: float, seed: int) -> torch.Tensor:
-    """The base pipeline's final latents for each prompt, n per prompt, initial noise seeded per image."""
-    unet = pipe.unet
-    size = unet.config.sample_size
-    shape = (unet.config.in_channels, size, size)
-    out = []
-    for i, prompt in enumerate(prompts):
-        z = torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + 1000 * i + j))
-                         for j in range(n)])
-        with torch.no_grad():
-            out.append(pipe(prompt=[prompt] * n, latents=z.to(pipe.device, unet.dtype), num_inference_steps=steps,
-                            guidance_scale=guidance, height=size * pipe.vae_scale_factor,
-                            width=size * pipe.vae_scale_factor, output_type="latent").images)
-    return torch.cat(out)
+    """The base pipeline's final latents for each prompt, n per prompt (image j of prompt i seeded seed + 1000 i + j)."""
+    seeds = [seed + 1000 * i + j for i in range(len(prompts)) for j in range(n)]
+    return torch.stack(M.sample_images(pipe, [p for p in prompts for _ in range(n)], seeds, num_inference_steps=steps,
+                                       guidance_scale=guidance, output_type="latent"))
 
 
 @torch.no_grad()
@@ -133,7 +123,8 @@ def drift_at(base, erased, scheduler, x0: torch.Tensor, t: int, emb: dict[str, t
 
     b0, bc, e0, ec = eps(base, ""), eps(base, concept), eps(erased, ""), eps(erased, concept)
     gap = size(bc - b0).clamp_min(1e-12)
-    kept = torch.stack([size(eps(erased, p) - eps(base, p)) for p in keep]).mean(0) if keep else torch.full_like(gap, float("nan"))
+    kept = (torch.stack([size(eps(erased, p) - eps(base, p)) for p in keep]).mean(0) if keep
+            else torch.full_like(gap, float("nan")))
     cols = {"uncond": size(e0 - b0), "concept": size(ec - bc), "kept": kept, "gap": size(ec - e0)}
     return {k: float((v / gap).mean()) for k, v in cols.items()}
 

@@ -101,6 +101,13 @@ def apply_erasure(unet: torch.nn.Module, path: str | os.PathLike) -> dict[str, s
     return meta
 
 
+def run_folder(unet_path: str | os.PathLike) -> Path:
+    """The trainer's output folder an erased U-Net path points into: OUT for OUT/unet or OUT/erasure.safetensors,
+    else the path itself."""
+    path = Path(unet_path)
+    return path.parent if path.name == "unet" or path.is_file() else path
+
+
 def checkpoint_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A training checkpoint's result: the method's own weights where it keeps some (SDD's EMA teacher), else the
     student's (ESD): what the run would save as its U-Net at that step."""

@@ -76,8 +76,9 @@ def format_mix(mix: dict[str, float], top: int = 2) -> str:
 
 def training_seconds(unet_path: str | Path) -> float | None:
     """The training time a trainer logged next to its result (OUT/train.log), None when there is none."""
-    path = Path(unet_path)
-    log = (path.parent if path.name == "unet" or path.is_file() else path) / "train.log"
+    from utils.saving import run_folder
+
+    log = run_folder(unet_path) / "train.log"
     if not log.is_file():
         return None
     found = re.findall(r"trained \d+ steps in ([0-9.]+) s", log.read_text(encoding="utf-8"))
@@ -86,11 +87,11 @@ def training_seconds(unet_path: str | Path) -> float | None:
 
 def erased_colours(unet_path: str | Path) -> list[str]:
     """The colours an erasure removed, from the concepts in its erasure file (a U-Net folder's OUT/erasure.safetensors)."""
-    from utils.saving import read_erasure
+    from utils.saving import read_erasure, run_folder
     from utils.toy.language import parse_prompt
 
     path = Path(unet_path)
-    file = path if path.is_file() else (path.parent if path.name == "unet" else path) / "erasure.safetensors"
+    file = path if path.is_file() else run_folder(path) / "erasure.safetensors"
     if not file.is_file():
         raise UserError(f"no erasure file beside {unet_path} to read the erased concepts from: pass --concepts")
     concepts = json.loads(read_erasure(file)[1].get("concepts", "[]"))

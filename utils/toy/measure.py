@@ -48,7 +48,8 @@ class Item:
 
 
 def load_pipeline(model: str | os.PathLike, unet: str | os.PathLike | None = None, device: str | None = "cpu"):
-    """A StableDiffusionPipeline from a local folder, its U-Net optionally replaced (U-Net folder or erasure file)."""
+    """A StableDiffusionPipeline from a local folder, its U-Net optionally replaced (U-Net folder, erasure file or
+    training checkpoint folder)."""
     from utils.pipelines import StableDiffusionPipeline, load_parts, quiet_diffusers  # without transformers' notices
 
     parts = load_parts(str(model), None if unet is None else str(unet), torch.float32)
@@ -137,9 +138,9 @@ def item_for_prompt(prompt: str, seed: int) -> Item:
 @torch.no_grad()
 def sample_images(pipe, prompts: Sequence[str], seeds: Sequence[int], num_inference_steps: int = DEFAULT_STEPS,
                   guidance_scale: float = DEFAULT_GUIDANCE, batch_size: int = 64, desc: str | None = None,
-                  **pipe_kw) -> list[Image.Image]:
+                  output_type: str = "pil", **pipe_kw) -> list:
     """One image per (prompt, seed); each image's initial latents come from a CPU generator seeded by its seed
-    (pipe_kw: further arguments of the pipeline call, e.g. eta)."""
+    (output_type "latent": the final latents instead; pipe_kw: further arguments of the pipeline call, e.g. eta)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     unet = pipe.unet
@@ -152,7 +153,7 @@ def sample_images(pipe, prompts: Sequence[str], seeds: Sequence[int], num_infere
             latents = torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in ss])
             res = pipe(prompt=ps, latents=latents.to(pipe.device, unet.dtype), num_inference_steps=num_inference_steps,
                        guidance_scale=guidance_scale, height=size * pipe.vae_scale_factor,
-                       width=size * pipe.vae_scale_factor, output_type="pil", **pipe_kw)
+                       width=size * pipe.vae_scale_factor, output_type=output_type, **pipe_kw)
             out.extend(res.images)
             bar.update(len(ps))
     return out
