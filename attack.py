@@ -74,7 +74,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--templates", nargs="+", default=list(DEFAULT_TEMPLATES),
                    help="captions ({} = the learned token) for targets without a prompt naming the concept; or a .txt")
     g = p.add_argument_group("optimization")
-    g.add_argument("--num_train_steps", type=int, default=500, help="optimizer steps")
+    g.add_argument("--num_train_steps", "--max_train_steps", type=int, default=500, help="optimizer steps")
     g.add_argument("--train_batch_size", type=int, default=4, help="target images per step")
     add_adamw_args(g, learning_rate=5e-3, weight_decay=0.0, max_grad_norm=0.0, what=" of the embeddings")
     g.add_argument("--resolution", type=int, default=None, help="target image size (default: the model's own)")

@@ -116,7 +116,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "combine e.g. its I2P folder (nudity) and its COCO folder (CLIP, FID)")
     p.add_argument("--output_dir", required=True, default=argparse.SUPPRESS,
                    help="where report.md, report.csv and report.png go")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "concepts", None) and not args.base:
+        parser.error("--concepts names the erased colours of a --base comparison; pass --base too")
+    return args
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -32,7 +32,7 @@ Output in --image_dir (default outputs/<prompt file>/<model>_<type>-<config>): {
 row per image to its own metadata-{first:05d}-{end:05d}.csv, and every run ends by merging all of them into
 metadata.csv (file, prompt, seed, guidance, guidance_source, steps, mode, config, unet, lora, then the prompt file's other
 columns), so shards sharing a folder never clobber each other. Existing images are skipped (--overwrite redoes them);
-a folder made with other settings is refused.
+a folder made with other settings is refused (--overwrite redoes it when the run covers every image there).
 
 The SDD reference code's flags work too: --use_fp16 (= --mixed_precision fp16), --tokenizer_path, --text_encoder_path.
 """
@@ -237,7 +237,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--height and --width must be multiples of {f} (the VAE's scale factor)")
     image_dir, settings = Path(args.image_dir), _settings(args, dtype)
     settings.update(lora_path=[_abs(p) for p, _ in loras] or None, lora_scale=[s for _, s in loras] or None)
-    check_settings(image_dir, settings, args.overwrite)
+    planned = {job.file for job in make_jobs(prompts, args.num_images_per_prompt, args.seed, args.guidance_scale)}
+    if check_settings(image_dir, settings, args.overwrite, planned) and state.is_main_process:
+        stale = sorted(p.name for p in image_dir.glob("*_summary.json"))
+        if stale:
+            print(f"note: {', '.join(stale)} in {image_dir} describe the earlier images; run evaluate.py again")
 
     # everything is checked: from here on we write
     with state.split_between_processes(prompts[args.start:end]) as mine:

@@ -14,8 +14,11 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 export HF_HUB_OFFLINE=1 PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 OUTPUT_DIR=${1:-$HERE/outputs/toy-esd}
 shift || true
-if [ -d "$OUTPUT_DIR/unet" ]; then
-  echo "$OUTPUT_DIR/unet exists: skipping training (delete the folder to retrain)"
+if [ -d "$OUTPUT_DIR/unet" ] && [ $# -gt 0 ]; then
+  echo "error: $OUTPUT_DIR/unet exists, so the flags $* would be ignored; delete the folder or pick another" >&2
+  exit 2
+elif [ -d "$OUTPUT_DIR/unet" ]; then
+  echo "$OUTPUT_DIR/unet exists: skipping training, measuring it again (delete the folder to retrain)"
 else
   python "$HERE"/train_esd.py \
     --pretrained_model_name_or_path "$HERE/assets/toy-sd" \

@@ -185,3 +185,12 @@ def test_toy_erasure_against_a_base_folder(tmp_path):
     pd.DataFrame(rows[1:]).to_csv(base / "metadata.csv", index=False)
     with pytest.raises(UserError, match="lacks 1 of the images"):
         evaluate.main(evaluate.parse_args(["toy", str(erased), "--base", str(base)]))
+    # same file names, other prompts or seeds: not a pair
+    for col, value in (("prompt", "a green circle"), ("seed", 12345)):
+        moved = [dict(r, **{col: value}) if r["file"] == "00003_0.png" else r for r in rows]
+        pd.DataFrame(moved).to_csv(base / "metadata.csv", index=False)
+        (base / "00000_0.png").write_bytes((erased / "00000_0.png").read_bytes())
+        with pytest.raises(UserError, match=f"1 images of .* have another {col} .* \\(first: 00003_0.png"):
+            evaluate.main(evaluate.parse_args(["toy", str(erased), "--base", str(base)]))
+    with pytest.raises(SystemExit):  # --concepts without --base would be ignored
+        evaluate.parse_args(["toy", str(erased), "--concepts", "red"])

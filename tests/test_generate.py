@@ -85,11 +85,20 @@ def test_resume_after_a_kill_mends_the_metadata(tiny_pipeline, prompt_csv, refer
     pd.testing.assert_frame_equal(metadata(reference), metadata(out))
 
 
-def test_other_settings_in_the_same_folder_are_refused(tiny_pipeline, prompt_csv, reference, tmp_path):
+def test_other_settings_in_the_same_folder_are_refused(tiny_pipeline, prompt_csv, reference, tmp_path, capsys):
     out = tmp_path / "images"
     shutil.copytree(reference, out)
     with pytest.raises(UserError, match="guidance_scale"):
         generate(tiny_pipeline, prompt_csv, out, "--guidance_scale", "3")
+    # --overwrite redoes them, but never leaves images of the old settings beside the new ones
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(UserError, match=r"4 images made with other settings .* would not redo \(first: 00000_1.png\)"):
+        generate(tiny_pipeline, prompt_csv, out, "--guidance_scale", "3", "--num_images_per_prompt", "1", "--overwrite")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    (out / "toy_summary.json").write_text("{}", encoding="utf-8")
+    generate(tiny_pipeline, prompt_csv, out, "--guidance_scale", "3", "--num_images_per_prompt", "2", "--overwrite")
+    assert "toy_summary.json in" in capsys.readouterr().out  # told that the evaluation is stale
+    assert all(out.joinpath(n).stat().st_mtime_ns != mtimes[n] for n in pngs(reference))
 
 
 def test_two_shards_equal_one_run(tiny_pipeline, prompt_csv, reference, tmp_path):

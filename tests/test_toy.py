@@ -180,6 +180,7 @@ def test_few_steps_of_training_give_a_seeded_loadable_pipeline(tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from safetensors.torch import load_file
 
+    from utils.cli import UserError
     from utils.models import load_sd_parts
     from utils.toy.cli import main, parse_args
 
@@ -192,6 +193,13 @@ def test_few_steps_of_training_give_a_seeded_loadable_pipeline(tmp_path):
     w2 = load_file(again / "unet" / "diffusion_pytorch_model.safetensors")
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
     assert (out / "sampling_defaults.json").exists() and not (out / "checkpoints").exists()
+    weights = out / "unet" / "diffusion_pytorch_model.safetensors"
+    before = weights.read_bytes()
+    with pytest.raises(UserError, match="already holds a toy pipeline; pass --overwrite"):
+        main(parse_args(["train", "--output_dir", str(out), *flags, "--seed", "1"]))
+    assert weights.read_bytes() == before  # a finished model is never replaced without asking
+    main(parse_args(["train", "--output_dir", str(out), *flags, "--seed", "1", "--overwrite"]))
+    assert weights.read_bytes() != before
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
     assert isinstance(pipe.scheduler, DDIMScheduler)
     assert pipe.vae.config.scaling_factor != 0.18215  # set from the latents' std

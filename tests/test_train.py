@@ -327,3 +327,16 @@ def test_trainer_applies_and_logs_the_thread_count(tiny_pipeline, tmp_path):
     finally:
         torch.set_num_threads(before)
     assert "device cpu, 1 torch threads" in (out / "train.log").read_text()
+
+
+def test_help_shows_each_default_once_and_none_for_required_flags(capsys):
+    with pytest.raises(SystemExit):
+        train_sdd.parse_args(["--help"])
+    text = capsys.readouterr().out
+
+    def flag_help(flag: str) -> str:
+        return " ".join(text.split(f"\n  {flag} ")[1].split("\n  --")[0].split())
+
+    assert flag_help("--resolution").count("(default") == 1  # its help tells the default: not repeated
+    assert "default" not in flag_help("--removing_concepts")  # required
+    assert flag_help("--learning_rate").endswith("(default: 1e-05)")

@@ -28,6 +28,9 @@ def test_bash_example_flags_parse(script):
         assert args.num_train_steps == (1500 if script == "run_sdd_nudity.sh" else 1000)
     else:
         assert args.pretrained_model_name_or_path == "assets/toy-sd" and "red" in args.removing_concepts[0]
+    # the diffusers training examples' names for two flags work too
+    args = mod.parse_args([*argv[2:], "--max_train_steps", "7", "--adam_weight_decay", "0.5"])
+    assert args.num_train_steps == 7 and args.weight_decay == 0.5
 
 
 def script_argv(script: str, out: str = "OUT", *extra: str):

@@ -96,9 +96,10 @@ def check_output_dir(args: argparse.Namespace, resume: Path | None) -> None:
     out = Path(args.output_dir)
     if args.overwrite_output_dir:
         return
-    if (out / "unet").exists() or (out / "erasure.safetensors").exists():
-        raise UserError(f"{out} already holds a finished run (unet/); pick another --output_dir, or pass "
-                        f"--overwrite_output_dir to replace it")
+    done = [name for name in ("unet", "erasure.safetensors") if (out / name).exists()]
+    if done:
+        raise UserError(f"{out} already holds a finished run ({' and '.join(done)}); pick another --output_dir, or "
+                        f"pass --overwrite_output_dir to replace it")
     if resume is None and list_checkpoints(out) and args.resume_from_checkpoint != "latest":
         raise UserError(f"{out} holds checkpoints; pass --resume_from_checkpoint latest or --overwrite_output_dir")
 

@@ -19,6 +19,13 @@ class UserError(Exception):
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show defaults and keep the module docstring's layout."""
 
+    def _get_help_string(self, action: argparse.Action) -> str:
+        """The help, with `(default: ...)` unless the flag is required or its help already tells its default."""
+        text = action.help or ""
+        if action.required or "default" in text or (action.default is None and ("None" in text or action.nargs == 0)):
+            return text
+        return super()._get_help_string(action)
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are three lines: a short usage, `error: ...` and where the help is."""

@@ -18,7 +18,8 @@ def add_adamw_args(g, *, learning_rate: float, weight_decay: float, max_grad_nor
     g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
     g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
     g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
-    g.add_argument("--weight_decay", type=float, default=weight_decay, help=f"AdamW weight decay{what}")
+    g.add_argument("--weight_decay", "--adam_weight_decay", type=float, default=weight_decay,
+                   help=f"AdamW weight decay{what}")
     g.add_argument("--max_grad_norm", type=float, default=max_grad_norm, help="gradient-norm clip (0: off)")
 
 

@@ -9,7 +9,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -328,17 +328,21 @@ def merge_metadata(image_dir: str | os.PathLike) -> int:
     return len(df)
 
 
-def check_settings(image_dir: Path, settings: dict[str, Any], overwrite: bool) -> None:
-    """Refuse to add to a folder whose args.json records other image settings (its images would be mixed in)."""
+def check_settings(image_dir: Path, settings: dict[str, Any], overwrite: bool, planned: Iterable[str] = ()) -> list[str]:
+    """Refuse to mix images of other settings (args.json) into a folder: without overwrite at all, with it when images
+    that this run does not redo (not in `planned`) would stay; the settings that differ."""
     path = image_dir / ARGS
-    if overwrite or not path.is_file():
-        return
     try:
-        old = json.loads(path.read_text(encoding="utf-8"))
+        old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return
+        old = {}
     diff = [f"{k}: {old[k]!r} there, {v!r} now" for k, v in settings.items()
             if k in old and not same_flag_value(old[k], v)]
-    if diff:
+    if diff and not overwrite:
         raise UserError(f"{image_dir} holds images made with other settings ({'; '.join(diff)}); "
                         f"use another --image_dir, or --overwrite to redo them")
+    stale = sorted(known_files(image_dir) - set(planned)) if diff else []
+    if stale:
+        raise UserError(f"{image_dir} holds {len(stale)} images made with other settings ({diff[0]}) that this run "
+                        f"would not redo (first: {stale[0]}); remove them or use another --image_dir")
+    return diff

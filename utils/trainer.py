@@ -68,7 +68,8 @@ def add_training_args(p: argparse.ArgumentParser, *, num_train_steps: int, weigh
     g = p.add_argument_group("optimization")
     g.add_argument("--finetuning_method", choices=list(FINETUNING_METHODS), default="xattn",
                    help="which U-Net parameters train (see utils/params.py)")
-    g.add_argument("--num_train_steps", type=int, default=num_train_steps, help="optimizer steps")
+    g.add_argument("--num_train_steps", "--max_train_steps", type=int, default=num_train_steps,
+                   help="optimizer steps (--max_train_steps: the diffusers examples' name)")
     g.add_argument("--train_batch_size", type=int, default=1, help="z_T samples per micro-step")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-steps per optimizer step")
     add_adamw_args(g, learning_rate=1e-5, weight_decay=weight_decay, max_grad_norm=max_grad_norm)

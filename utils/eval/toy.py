@@ -95,6 +95,15 @@ def _base_images(images, base) -> list:
     if missing:
         raise UserError(f"base folder {base} lacks {len(missing)} of the images (first: {missing[0]}); generate it "
                         f"from the same prompt file and seeds")
+    mine, base_rows = images.records.set_index("file"), other.records.set_index("file")
+    for col in ("prompt", "seed"):  # a file name is only a pair when both folders drew it from the same prompt and seed
+        if col in mine and col in base_rows:
+            differ = [f for f in mine.index if str(mine.at[f, col]) != str(base_rows.at[f, col])]
+            if differ:
+                f = differ[0]
+                raise UserError(f"{len(differ)} images of {images.root} have another {col} than the same file in the "
+                                f"base folder {base} (first: {f}: {mine.at[f, col]!r} vs {base_rows.at[f, col]!r}); "
+                                f"generate both from the same prompt file and seeds")
     return [theirs[p.name] for p in images.paths]
 
 

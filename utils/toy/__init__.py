@@ -5,7 +5,7 @@
 - judge.py     colour and shape from pixels, same-seed preservation
 - train.py     training the toy pipeline (CPU, seeded, resumable)
 - measure.py   prompt sets with fixed seeds, base quality and erasure numbers
-- cli.py       python -m utils.toy {train,judge,quality,compare,prompts}
+- cli.py       python -m utils.toy {train,judge,quality,compare,panels,prompts}
 """
 from utils.toy.judge import OTHER, iou, judge, judge_features, preserved
 from utils.toy.language import (COLOUR_WORDS, COLOURS, HELD_OUT, OBJECTS, SHAPES, TEMPLATES, parse_prompt,

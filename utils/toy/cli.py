@@ -1,9 +1,10 @@
-"""`python -m utils.toy {train,judge,quality,compare,prompts}`: train the toy model, check the judge, measure.
+"""`python -m utils.toy {train,judge,quality,compare,panels,prompts}`: train the toy model, check the judge, measure.
 
-  python -m utils.toy train --output_dir assets/toy-sd                  # seeded, CPU
+  python -m utils.toy train --output_dir outputs/toy-sd                 # seeded, CPU, about an hour
   python -m utils.toy judge                                             # the judge on freshly rendered images
-  python -m utils.toy quality --model assets/toy-sd                     # base quality (README numbers)
-  python -m utils.toy compare --unet OUT/unet --concepts red            # erasure table + OUT/before_after.png
+  python -m utils.toy quality --model assets/toy-sd                     # base quality (docs/toy_world.md numbers)
+  python -m utils.toy compare --unet OUT/unet --output OUT/before_after.png   # erasure table + the picture
+  python -m utils.toy panels --unet OUT/unet --output panels.png        # base | erased, side by side
   python -m utils.toy prompts --concepts red --output red.csv           # the same prompts as a generate.py file
 """
 from __future__ import annotations
@@ -220,7 +221,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="render the data and train the toy pipeline (CPU, seeded)", formatter_class=HelpFormatter)
-    p.add_argument("--output_dir", default="assets/toy-sd", help="where the pipeline, train_toy.log and checkpoints go")
+    p.add_argument("--output_dir", default="outputs/toy-sd",
+                   help="where the pipeline, train_toy.log and checkpoints go (a stopped run there is resumed)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished pipeline in --output_dir")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the initial weights and training")
     p.add_argument("--n_images", type=int, default=12000, help="rendered training images (colours and shapes balanced)")
     p.add_argument("--vae_steps", type=int, default=600, help="VAE training steps")

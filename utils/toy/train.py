@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from utils.cli import setup_logging
+from utils.cli import UserError, setup_logging
 from utils.saving import atomic_write, atomic_write_text
 from utils.toy.judge import judge
 from utils.toy.language import COLOURS, SHAPES, caption_distribution, vocabulary
@@ -192,6 +192,8 @@ def train(args: argparse.Namespace) -> Path:
     from utils.pipelines import SAMPLING_DEFAULTS, StableDiffusionPipeline  # imported without transformers' notices
 
     out = Path(args.output_dir)
+    if (out / "model_index.json").is_file() and not getattr(args, "overwrite", False):
+        raise UserError(f"{out} already holds a toy pipeline; pass --overwrite to replace it, or another --output_dir")
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     log = setup_logging(out, "train_toy.log")
