@@ -94,6 +94,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
                    help="dtype of the frozen U-Net and VAE; the learned embeddings and text encoder stay fp32")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute U-Net activations in the backward pass (less memory, about a third slower)")
     g = p.add_argument_group("outputs")
     g.add_argument("--output_dir", default="outputs/attack", help="where everything of the attack goes")
     g.add_argument("--overwrite_output_dir", action="store_true", help="redo an attack already in output_dir")
@@ -171,7 +173,8 @@ def _invert(args, c: dict, target_dir: Path, out: Path) -> Path:
     if args.overwrite_output_dir:
         for old in list_checkpoints(out):
             shutil.rmtree(old, ignore_errors=True)
-    inv = prepare(c.pop("parts"), c["init_ids"], c["tokens"], c["new_ids"], c["device"], DTYPES[args.mixed_precision])
+    inv = prepare(c.pop("parts"), c["init_ids"], c["tokens"], c["new_ids"], c["device"], DTYPES[args.mixed_precision],
+                  args.gradient_checkpointing)
     targets = load_targets(target_dir, c["resolution"], args.concept, " ".join(c["tokens"]), c["templates"])
     logging.getLogger("sdd").info("%d target images from %s; tokens %s", len(targets.pixels), targets.folder,
                                   c["tokens"])

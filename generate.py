@@ -22,8 +22,8 @@ Reproducibility: image j of prompt i starts from the (j+1)-th latent of shape (1
 torch.Generator("cpu").manual_seed(seed), seed = the file's seed, else --seed + i (i = the prompt's index in the
 file); guidance = the file's (with --guidance_source file, when the row has one), else --guidance_scale, and batches
 only hold prompts of one guidance. So batch size, resuming, --start/--end and the number of processes do not change an
-image. (CPU/GPU kernels give ~1e-6 float differences between batch sizes, which can at most turn a rare pixel by one
-level; none in the tests.) Prompts longer than the tokenizer's limit are cut to its first tokens, as diffusers does.
+image. (On the CPU in fp32, kernels give ~1e-6 float differences between batch sizes, which can at most turn a rare
+pixel by one level; none in the tests. On a GPU, in fp16 and with kernels chosen per batch shape, they can be larger.) Prompts longer than the tokenizer's limit are cut to its first tokens, as diffusers does.
 --num_inference_steps, --guidance_scale, --height and --width not given come from the model folder's
 sampling_defaults.json when it has one (e.g. assets/toy-sd: 20 steps, guidance 5), else 25 / 7.5 / the model's size.
 
@@ -39,6 +39,7 @@ The SDD reference code's flags work too: --use_fp16 (= --mixed_precision fp16), 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import time
@@ -62,6 +63,8 @@ from utils.pipelines import (ARGS, OUR_DEFAULTS, SAMPLING_DEFAULTS, MetadataShar
                              resolve_sampling)
 from utils.prompts import Prompt, fit_to_tokenizer, read_prompts
 from utils.saving import atomic_write_text
+
+BARRIER_HOURS = 72  # how long a process waits for the others at the end (torch's default, 10 minutes, is too short)
 
 
 @dataclass
@@ -217,7 +220,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """Validate everything, then make this process's missing images and merge the metadata; return the summary."""
     mode, prompts, end = _check(args)
     loras = check_lora_args(args.lora_path, args.lora_scale)
-    state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    # processes split the prompts, not the missing images: after a resume one may wait at the final barrier for hours
+    state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"),
+                         timeout=datetime.timedelta(hours=BARRIER_HOURS))
     device = state.device if args.device in (None, "", "auto") else resolve_device(args.device)
     dtype = resolve_dtype(args.mixed_precision, device)
     parts = load_parts(args.pretrained_model_name_or_path, args.unet_path, dtype, args.revision, args.variant,

@@ -5,6 +5,7 @@
 # Usage: bash run_esd_nudity.sh [OUTPUT_DIR] [extra train_esd.py flags...]
 # Small GPU (frozen weights in bf16, activations recomputed; docs/performance.md): append
 #   --mixed_precision bf16 --gradient_checkpointing
+# (ESD-x only: ESD-u trains 813 M parameters, whose fp32 weights, gradients and AdamW states alone take about 13 GB.)
 # Rerunning the same command continues from the newest checkpoint; other flags into the same folder are refused.
 set -euo pipefail
 OUTPUT_DIR=${1:-outputs/esd-x-nudity}

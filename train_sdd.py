@@ -35,9 +35,11 @@ class SDD:
 
     def loss(self, unet: torch.nn.Module, b: Batch) -> torch.Tensor:
         """mean((sg(e_0) - e_s)^2), e_0 = student(z_t, t, c_0), e_s = student(z_t, t, c_s)."""
+        # e_s first: under autocast, torch before 2.10 reuses the low-precision weight copies cast by the first pass,
+        # and copies cast under no_grad would leave e_s without a gradient
+        e_s = call(unet, None, b.z, b.t, encoder_hidden_states=b.c_s.expand(len(b.z), -1, -1)).sample
         with torch.no_grad():
             e_0 = call(unet, None, b.z, b.t, encoder_hidden_states=b.c_0.expand(len(b.z), -1, -1)).sample
-        e_s = call(unet, None, b.z, b.t, encoder_hidden_states=b.c_s.expand(len(b.z), -1, -1)).sample
         return torch.mean((e_0.float() - e_s.float()) ** 2)
 
     def after_step(self) -> None:

@@ -300,7 +300,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     scratch = Path(tempfile.mkdtemp(prefix="bench_train-"))
     try:
         model_path = prepare_model(args.model, args.model_dir, scratch)
-        results = []
+        results, failed = [], []
         for method in args.methods:
             for prec in args.mixed_precision:
                 for repeat in range(args.repeats):
@@ -313,12 +313,21 @@ def main(args: argparse.Namespace) -> list[dict]:
                                     conv_autotune=args.conv_autotune,
                                     reference_grads=args.reference_grads, extra=args.extra, threads=args.threads)
                         t0 = time.time()
-                        res = run_worker(spec, scratch)
+                        try:
+                            res = run_worker(spec, scratch)
+                        except UserError as e:  # e.g. out of memory: the other runs still count
+                            failed.append(dict(spec, error=str(e)))
+                            print(f"{layout:>9} {method} {prec:<4} #{repeat}: failed: {str(e).splitlines()[-1]}")
+                            continue
                         results.append(res)
                         print(f"{layout:>9} {method} {prec:<4} #{repeat}: s/step {['%.2f' % s for s in res['step_s']]}"
                               f" k {res['ks']} peak {res['peak'] / GIB:.2f} GiB ({time.time() - t0:.0f} s)", flush=True)
+                        if args.json:  # after every run: a time limit loses only the run in progress
+                            _write_json(args.json, None, results, failed)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if not results:
+        raise UserError(f"every run failed; the first: {failed[0]['error']}")
     rows = summarize(results, args.warmup)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
     header = (f"model {args.model}, {args.resolution or 'native'} px, N = {args.num_ddim_steps} DDIM steps, "
@@ -330,8 +339,13 @@ def main(args: argparse.Namespace) -> list[dict]:
     print()
     print(format_table(rows, header))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(rows=rows, results=results, argv=sys.argv[1:]), indent=1))
+        _write_json(args.json, rows, results, failed)
     return rows
+
+
+def _write_json(path: str, rows: list[dict] | None, results: list[dict], failed: list[dict]) -> None:
+    """The table rows (None until every run is done), the raw measurements and the failed runs."""
+    Path(path).write_text(json.dumps(dict(rows=rows, results=results, failed=failed, argv=sys.argv[1:]), indent=1))
 
 
 if __name__ == "__main__":

@@ -160,6 +160,22 @@ def test_only_the_new_rows_learn(prediction_type, tiny_pipeline, tiny_vpred_pipe
     assert all(p.grad is None for p in parts.unet.parameters())
 
 
+def test_gradient_checkpointing_gives_the_same_gradient(tiny_pipeline):
+    """--gradient_checkpointing recomputes the U-Net's activations; the learned rows' gradient is unchanged."""
+    grads = []
+    for checkpointing in (False, True):
+        parts = load_sd_parts(str(tiny_pipeline))
+        tokens = placeholder_tokens("<x>", 1)
+        inv = prepare(parts, concept_token_ids(parts.tokenizer, "red"), tokens,
+                      add_placeholder_tokens(parts.tokenizer, tokens), torch.device("cpu"), torch.float32, checkpointing)
+        assert parts.unet.is_gradient_checkpointing == checkpointing
+        latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        denoising_loss(inv, latents, ["a <x> circle"] * 2, torch.Generator().manual_seed(1),
+                       lambda: torch.autocast("cpu", enabled=False)).backward()
+        grads.append(inv.learned.grad)
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+
+
 def test_target_captions_follow_the_prompts(tmp_path):
     """A target whose prompt names the concept is captioned with it swapped; others get the templates."""
     for i, colour in enumerate(["red", "blue"]):

@@ -1,6 +1,7 @@
 """Smoke tests of the benchmarks on the tiny pipeline: the table, the reference layout's math, time-to-erase plumbing."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -29,7 +30,19 @@ def test_bench_train_tiny_prints_a_table_with_ratios(tmp_path):
     assert float(cells[2]) > 0 and float(cells[3]) > 0                      # s/step, ours and reference
     assert float(cells[4].strip("*")) == pytest.approx(float(cells[2]) / float(cells[3]), abs=0.01, rel=0.02)
     assert 0 < float(cells[7].strip("*")) <= 1.5                            # peak-memory ratio
-    assert "text encoding" in out.stdout and "ours with --conv_autotune" in out.stdout and (tmp_path / "r.json").exists()
+    assert "text encoding" in out.stdout and "ours with --conv_autotune" in out.stdout
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert len(saved["rows"]) == 1 and len(saved["results"]) == 2 and saved["failed"] == []
+
+
+def test_bench_train_goes_on_after_a_failed_run_and_keeps_what_finished(tmp_path):
+    """A run that fails (here: a flag the trainer refuses) is listed, not fatal; only none finishing is an error."""
+    out = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--model", "tiny", "--model_dir",
+                          str(tmp_path / "tiny"), "--resolution", "0", "--steps", "1", "--warmup", "0", "--methods",
+                          "sdd", "--num_ddim_steps", "2", "--threads", "1", "--json", str(tmp_path / "r.json"),
+                          "--extra", "--no_such_flag"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "error: every run failed" in out.stderr
+    assert out.stdout.count(": failed: ") == 2  # both layouts were tried
 
 
 @pytest.mark.parametrize("mod", [train_sdd, train_esd], ids=["sdd", "esd"])

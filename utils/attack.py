@@ -161,7 +161,7 @@ class Inversion:
 
 
 def prepare(parts: SDParts, concept_ids: Sequence[int], tokens: Sequence[str], new_ids: Sequence[int],
-            device: torch.device, dtype: torch.dtype) -> Inversion:
+            device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool = False) -> Inversion:
     """Resize the embedding matrix, freeze everything, start the new rows at the mean of the concept's embeddings."""
     te = parts.text_encoder
     te.resize_token_embeddings(len(parts.tokenizer), mean_resizing=False)
@@ -170,6 +170,8 @@ def prepare(parts: SDParts, concept_ids: Sequence[int], tokens: Sequence[str], n
     te.requires_grad_(False).eval().to(device)  # fp32: the learned rows and their gradient stay exact
     parts.unet = cast(parts.unet, device, dtype).requires_grad_(False).eval()
     parts.vae = cast(parts.vae, device, dtype).requires_grad_(False).eval()
+    if gradient_checkpointing:  # diffusers recomputes whenever grad is enabled, in eval mode too
+        parts.unet.enable_gradient_checkpointing()
     frozen = emb.weight.detach()
     start = frozen[list(concept_ids)].mean(0, keepdim=True).repeat(len(tokens), 1)
     return Inversion(parts, torch.nn.Parameter(start.clone()), frozen, weight_name,

@@ -180,8 +180,9 @@ def load_checkpoint(path: Path, state: TrainState, device: torch.device) -> int:
     state.queue.load_state_dict(blob.get("trajectories", {}), device)
     state.generator.set_state(blob["rng"]["generator"])
     torch.set_rng_state(blob["rng"]["torch"])
-    if blob["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+    if blob["rng"]["cuda"] is not None and torch.cuda.is_available():  # as many GPUs as are visible now
+        for i, cuda_state in enumerate(blob["rng"]["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, i)
     return int(blob["step"])
 
 

@@ -87,7 +87,8 @@ def add_training_args(p: argparse.ArgumentParser, *, num_train_steps: int, weigh
     g.add_argument("--use_fp16", dest="mixed_precision", action="store_const", const="fp16",
                    default=argparse.SUPPRESS, help="reference code's flag: same as --mixed_precision fp16")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute U-Net activations in backward")
-    g.add_argument("--allow_tf32", action="store_true", help="allow TF32 matmuls on Ampere+ GPUs")
+    g.add_argument("--allow_tf32", action="store_true",
+                   help="allow TF32 matmuls on Ampere+ GPUs (PyTorch already allows TF32 convolutions by default)")
     g.add_argument("--conv_autotune", action="store_true",
                    help="time the convolution kernels once per shape and keep the fastest (cuDNN benchmark mode on a "
                         "GPU; oneDNN vs native im2col on the CPU, up to 1.8x faster U-Net forwards at 128 px); results "

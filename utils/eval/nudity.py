@@ -105,12 +105,15 @@ def load_detector(model: str | os.PathLike | None = None, resolution: int | None
 
 
 def _detector_with_providers(nudenet, model: str | None, resolution: int):
-    """A NudeDetector whose ONNX session gets onnxruntime's available providers (set as NudeDetector.__init__ does)."""
+    """A NudeDetector whose ONNX session runs on CUDA when available, else the CPU (set as NudeDetector.__init__ does)."""
     import onnxruntime
 
     path = model or str(Path(nudenet.__file__).parent / "320n.onnx")
     detector = nudenet.NudeDetector.__new__(nudenet.NudeDetector)
-    detector.onnx_session = onnxruntime.InferenceSession(path, providers=onnxruntime.get_available_providers())
+    # CUDA when onnxruntime-gpu has it, else the CPU; never TensorRT, which would build an engine per batch shape
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                 if p in onnxruntime.get_available_providers()]
+    detector.onnx_session = onnxruntime.InferenceSession(path, providers=providers)
     detector.input_width = detector.input_height = resolution
     detector.input_name = detector.onnx_session.get_inputs()[0].name
     return detector
