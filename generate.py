@@ -23,7 +23,8 @@ torch.Generator("cpu").manual_seed(seed), seed = the file's seed, else --seed + 
 file); guidance = the file's (with --guidance_source file, when the row has one), else --guidance_scale, and batches
 only hold prompts of one guidance. So batch size, resuming, --start/--end and the number of processes do not change an
 image. (On the CPU in fp32, kernels give ~1e-6 float differences between batch sizes, which can at most turn a rare
-pixel by one level; none in the tests. On a GPU, in fp16 and with kernels chosen per batch shape, they can be larger.) Prompts longer than the tokenizer's limit are cut to its first tokens, as diffusers does.
+pixel by one level; none in the tests. On a GPU, in fp16 and with kernels chosen per batch shape, they can be
+larger.) Prompts longer than the tokenizer's limit are cut to its first tokens, as diffusers does.
 --num_inference_steps, --guidance_scale, --height and --width not given come from the model folder's
 sampling_defaults.json when it has one (e.g. assets/toy-sd: 20 steps, guidance 5), else 25 / 7.5 / the model's size.
 
@@ -43,6 +44,7 @@ import datetime
 import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -56,8 +58,8 @@ from tqdm.auto import tqdm
 from utils.cli import ArgumentParser, HelpFormatter, UserError, resolve_device, resolve_dtype, run, setup_logging
 from utils.images import save_png
 from utils.lora import check_lora_args
-from utils.pipelines import (ARGS, OUR_DEFAULTS, SAMPLING_DEFAULTS, MetadataShard, SemanticStableDiffusionPipeline,
-                             StableDiffusionPipeline, StableDiffusionPipelineSafe, build_pipeline, call_defaults,
+from utils.pipelines import (ARGS, OUR_DEFAULTS, SAMPLING_DEFAULTS, Job, MetadataShard,
+                             SemanticStableDiffusionPipeline, StableDiffusionPipeline, StableDiffusionPipelineSafe, build_pipeline, call_defaults,
                              check_settings, default_image_dir, default_safety_concept, guidance_batches,
                              initial_latents, known_files, load_embedding, load_parts, make_jobs, merge_metadata, metadata_row,
                              resolve_sampling)
@@ -296,8 +298,18 @@ def generate(pipe, prompts: list[Prompt], image_dir: Path, args: argparse.Namesp
         logging.getLogger("sdd").info(line)
         print(line)
     shape = (pipe.unet.config.in_channels, args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)
+
+    def write(batch: list[Job], images: list) -> int:
+        """PNG, then its metadata row (a run killed in between is mended on resume, see above)."""
+        for job, image in zip(batch, images):
+            save_png(image, image_dir / job.file)
+            shard.add(metadata_row(job, meta))
+        return len(batch)
+
     start = time.perf_counter()
-    with tqdm(total=len(todo), unit="img", disable=not show_progress) as bar:
+    # one writer thread encodes batch i's PNGs (Pillow releases the GIL) while batch i + 1 is generated
+    with tqdm(total=len(todo), unit="img", disable=not show_progress) as bar, ThreadPoolExecutor(1) as writer:
+        writing: Future | None = None
         for batch in guidance_batches(todo, args.batch_size):
             latents = torch.cat([initial_latents(job.seed, job.j, shape) for job in batch])
             kwargs = {k: [v] * len(batch) if k == "negative_prompt" and isinstance(v, str) else v
@@ -306,10 +318,11 @@ def generate(pipe, prompts: list[Prompt], image_dir: Path, args: argparse.Namesp
                           latents=latents.to(pipe.device, pipe.unet.dtype), guidance_scale=batch[0].guidance,
                           num_inference_steps=args.num_inference_steps, height=args.height, width=args.width,
                           **kwargs).images
-            for job, image in zip(batch, images):
-                save_png(image, image_dir / job.file)
-                shard.add(metadata_row(job, meta))
-                bar.update()
+            if writing is not None:
+                bar.update(writing.result())  # at most one batch waits to be written; its errors surface here
+            writing = writer.submit(write, batch, images)
+        if writing is not None:
+            bar.update(writing.result())
     shard.close()
     seconds = time.perf_counter() - start
     summary.update(written=len(todo), seconds=seconds, images_per_s=len(todo) / seconds if seconds > 0 else 0.0)

@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance (both paths)")
     p.add_argument("--repeats", type=int, default=2, help="alternating timed rounds of each path; the best counts")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--png_overlap", type=int, default=0, metavar="SIZE",
+                   help="instead: time PNG encoding of SIZE px images alone, torch work alone, and both at once with "
+                        "the encoding in a thread, as generate.py's writer (0: off)")
     return p.parse_args(argv)
 
 
@@ -100,10 +103,55 @@ def batched(model: Path, prompt_file: Path, out: Path, args: argparse.Namespace)
     return summary["seconds"]
 
 
+def png_overlap(size: int, n: int = 20) -> dict[str, float]:
+    """Seconds for n PNG encodes, for torch matmuls of about the same length, and for both with the encodes in a thread."""
+    import io
+    import threading
+
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size]  # smooth colour fields plus noise: compresses about like a generated photo
+    base = np.stack([np.sin(x / 40) * 60 + 128, np.cos(y / 30) * 60 + 128, (x + y) * 128 / size], -1)
+    noise = np.random.default_rng(0).normal(0, 12, base.shape)
+    image = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+    def encode() -> None:
+        for _ in range(n):
+            image.save(io.BytesIO(), format="PNG")
+
+    m = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
+
+    def compute(count: int) -> None:
+        for _ in range(count):
+            m @ m
+
+    t = time.perf_counter()
+    encode()
+    alone = time.perf_counter() - t
+    t = time.perf_counter()
+    compute(10)
+    count = max(1, round(10 * alone / (time.perf_counter() - t)))  # as long as the encodes
+    t = time.perf_counter()
+    compute(count)
+    work = time.perf_counter() - t
+    writer = threading.Thread(target=encode)
+    t = time.perf_counter()
+    writer.start()
+    compute(count)
+    writer.join()
+    both = time.perf_counter() - t
+    print(f"{n} PNGs of {size} px: {1000 * alone / n:.1f} ms each; encodes {alone:.2f} s, torch work {work:.2f} s, "
+          f"both with the encodes in a thread {both:.2f} s (one after the other: {alone + work:.2f} s)")
+    return {"png_ms": 1000 * alone / n, "encode_s": alone, "work_s": work, "overlapped_s": both}
+
+
 def main(args: argparse.Namespace) -> dict[str, float]:
     """Time both paths and print a table with the ratio."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.png_overlap:
+        return png_overlap(args.png_overlap)
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         model = model_folder(args.model, scratch, args.tiny_sample_size)

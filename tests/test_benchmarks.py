@@ -11,7 +11,7 @@ import pytest
 
 import train_esd
 import train_sdd
-from benchmarks import time_to_erase
+from benchmarks import bench_generate, time_to_erase
 from benchmarks.reference_layout import ReferenceLayout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,3 +91,9 @@ def test_empty_mix_ddim_row_is_the_quality_commands_empty_mix(tmp_path, one_thre
     assert quality["empty_mix"] == res["ddim"]
     with pytest.raises(SystemExit):
         empty_mix.parse_args(["--n", "0"])
+
+
+def test_png_overlap_reports_its_four_numbers(capsys):
+    res = bench_generate.png_overlap(64, n=2)
+    assert set(res) == {"png_ms", "encode_s", "work_s", "overlapped_s"} and all(v > 0 for v in res.values())
+    assert "2 PNGs of 64 px" in capsys.readouterr().out

@@ -70,6 +70,30 @@ def test_resume_skips_and_rewrites_nothing(tiny_pipeline, prompt_csv, reference,
     assert_same_images(reference, out, ["00000_0.png"])
 
 
+def test_a_failed_write_stops_the_run_and_keeps_the_batches_before_it(tiny_pipeline, prompt_csv, reference, tmp_path,
+                                                                     monkeypatch):
+    """PNGs are written by a thread while the next batch is drawn; its error surfaces, and a rerun finishes the job."""
+    import generate as gen
+
+    real, calls = gen.save_png, []
+
+    def failing(image, path):
+        calls.append(path.name)
+        if len(calls) == 3:  # the first image of the second batch
+            raise OSError(28, "No space left on device")
+        real(image, path)
+
+    monkeypatch.setattr(gen, "save_png", failing)
+    with pytest.raises(OSError, match="No space left"):
+        generate(tiny_pipeline, prompt_csv, tmp_path, "--num_images_per_prompt", "2", "--batch_size", "2")
+    assert pngs(tmp_path) == ["00000_0.png", "00000_1.png"]  # the first batch, each with its row
+    monkeypatch.setattr(gen, "save_png", real)
+    summary = generate(tiny_pipeline, prompt_csv, tmp_path, "--num_images_per_prompt", "2", "--batch_size", "2")
+    assert summary["written"] == 6 and summary["skipped"] == 2
+    assert_same_images(reference, tmp_path)
+    pd.testing.assert_frame_equal(metadata(reference), metadata(tmp_path))
+
+
 def test_resume_after_a_kill_mends_the_metadata(tiny_pipeline, prompt_csv, reference, tmp_path):
     out = tmp_path / "images"
     shutil.copytree(reference, out)
