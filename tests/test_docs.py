@@ -55,6 +55,8 @@ TINY: dict[str, list[str]] = {
     "benchmarks/sweep_toy.py": ["--max_steps", "2", "--check_every", "2", "--n_per_prompt", "1", "--steps", "2",
                                 "--extra", "--num_ddim_steps", "2"],  # --extra takes the rest: it must come last
     "benchmarks/empty_mix.py": ["--n", "2", "--steps", "2", "--ddpm_steps", "2"],
+    "benchmarks/bench_generate.py": ["--num_prompts", "2", "--batch_size", "2", "--repeats", "1",
+                                     "--num_inference_steps", "1"],
     "benchmarks/target_drift.py": ["--num_images", "1", "--num_inference_steps", "2", "--timesteps", "500"],
     "run_sdd_toy.sh": [],  # its python processes get theirs through the shim
     "run_esd_toy.sh": [],
