@@ -192,7 +192,7 @@ def train(args: argparse.Namespace) -> Path:
     from utils.pipelines import SAMPLING_DEFAULTS, StableDiffusionPipeline  # imported without transformers' notices
 
     out = Path(args.output_dir)
-    if (out / "model_index.json").is_file() and not getattr(args, "overwrite", False):
+    if (out / "model_index.json").is_file() and not args.overwrite:
         raise UserError(f"{out} already holds a toy pipeline; pass --overwrite to replace it, or another --output_dir")
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
