@@ -211,6 +211,16 @@ def test_few_steps_of_training_give_a_seeded_loadable_pipeline(tmp_path):
     assert np.abs(np.asarray(a[0], dtype=int) - np.asarray(a[2], dtype=int)).max() <= 1
     assert np.abs(np.asarray(a[0], dtype=int) - np.asarray(b[0], dtype=int)).max() <= 1
 
+    with pytest.raises(SystemExit):  # epsilon is undefined at zero terminal SNR
+        parse_args(["train", "--zero_snr"])
+    vpred = tmp_path / "vpred"
+    main(parse_args(["train", "--output_dir", str(vpred), *flags, "--prediction_type", "v_prediction", "--zero_snr"]))
+    config = DDIMScheduler.load_config(vpred / "scheduler")
+    assert config["prediction_type"] == "v_prediction" and config["rescale_betas_zero_snr"]
+    assert config["timestep_spacing"] == "trailing"
+    assert not torch.equal(load_file(vpred / "unet" / "diffusion_pytorch_model.safetensors")["conv_out.bias"],
+                           w1["conv_out.bias"])  # same seed and data, another target
+
 
 @pytest.mark.skipif(not (SHIPPED / "model_index.json").exists(), reason="assets/toy-sd not trained yet")
 def test_shipped_model_draws_explicit_paraphrase_and_implied_colours(one_thread):

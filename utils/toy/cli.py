@@ -233,6 +233,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--unet_steps", type=int, default=4500, help="U-Net + text encoder training steps")
     p.add_argument("--unet_batch_size", type=int, default=64, help="U-Net batch size")
     p.add_argument("--unet_lr", type=float, default=1e-3, help="U-Net + text encoder peak learning rate")
+    p.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon",
+                   help="what the U-Net predicts (SD 1.x: epsilon; SD 2.x: v_prediction)")
+    p.add_argument("--zero_snr", action="store_true",
+                   help="rescale the betas to zero terminal SNR and sample from t = T - 1 (needs v_prediction)")
     p.add_argument("--checkpoint_every", type=int, default=250, help="steps between checkpoints (resumed automatically)")
     p.add_argument("--keep_checkpoints", action="store_true", help="keep OUTPUT_DIR/checkpoints after success")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -284,6 +288,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("n_per_prompt", "steps", "batch_size", "n", "n_images", "vae_steps", "unet_steps"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name} must be positive")
+    if getattr(args, "zero_snr", False) and args.prediction_type != "v_prediction":
+        parser.error("--zero_snr needs --prediction_type v_prediction (epsilon is undefined at zero SNR)")
     return args
 
 

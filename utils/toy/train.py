@@ -62,12 +62,15 @@ def make_tokenizer(folder: str | os.PathLike):
     return write_clip_tokenizer(folder, vocabulary(), model_max_length=MODEL_MAX_LENGTH)
 
 
-def make_scheduler():
-    """DDIM with Stable Diffusion's beta schedule."""
+def make_scheduler(prediction_type: str = "epsilon", zero_snr: bool = False):
+    """DDIM with Stable Diffusion's beta schedule; optionally rescaled to zero terminal SNR (Lin et al. 2024), which
+    needs v-prediction and the first sampling step at t = T - 1 ("trailing" spacing)."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=0 if zero_snr else 1,
+                         prediction_type=prediction_type, rescale_betas_zero_snr=zero_snr,
+                         timestep_spacing="trailing" if zero_snr else "leading")
 
 
 def _lr_at(step: int, total: int, warmup: int, final_frac: float = 0.1) -> float:
@@ -166,8 +169,8 @@ def caption_table(tokenizer, labels: list[tuple[str, str]]) -> tuple[torch.Tenso
 
 def train_unet(text_encoder, unet, tokenizer, means: torch.Tensor, stds: torch.Tensor, labels: list[tuple[str, str]],
                scaling_factor: float, args: argparse.Namespace, ckpt_dir: Path, log: logging.Logger) -> None:
-    """Train U-Net and text encoder together on epsilon prediction, each image under a freshly drawn caption."""
-    scheduler = make_scheduler()
+    """Train U-Net and text encoder together (epsilon or v-prediction), each image under a freshly drawn caption."""
+    scheduler = make_scheduler(args.prediction_type, args.zero_snr)
     ids, cap_index, cap_probs = caption_table(tokenizer, labels)
     T = scheduler.config.num_train_timesteps
 
@@ -180,7 +183,8 @@ def train_unet(text_encoder, unet, tokenizer, means: torch.Tensor, stds: torch.T
         pick = torch.multinomial(cap_probs[idx], 1, generator=gen).squeeze(1)
         enc = text_encoder(ids[cap_index[idx, pick]])[0]
         pred = unet(scheduler.add_noise(lat, noise, t), t, enc).sample
-        return torch.nn.functional.mse_loss(pred, noise), {}
+        target = noise if args.prediction_type == "epsilon" else scheduler.get_velocity(lat, noise, t)
+        return torch.nn.functional.mse_loss(pred, target), {}
 
     _resumable_loop("unet", {"unet": unet, "text_encoder": text_encoder},
                     list(unet.parameters()) + list(text_encoder.parameters()), args.unet_lr, 1e-2, args.unet_steps,
@@ -220,7 +224,7 @@ def train(args: argparse.Namespace) -> Path:
              float(z.std()), scaling_factor, 100 * vae_ok)
     train_unet(text_encoder, unet, tokenizer, means, stds, labels, scaling_factor, args, ckpt_dir, log)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
+                                   scheduler=make_scheduler(args.prediction_type, args.zero_snr), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
     atomic_write_text(out / SAMPLING_DEFAULTS, json.dumps(  # what generate.py samples this model with by default
