@@ -291,6 +291,13 @@ def test_report_merges_runs(tmp_path):
     res = cli("report", "--output_dir", out, "--runs", f"SD={tmp_path / 'sd_i2p'}", f"ESD={tmp_path / 'esd'}")
     assert any("thresholds differ" in n for n in res["notes"])
     assert any("detectors differ" in n and "cdcdcdcdcdcd" in n for n in res["notes"])
+    _write(tmp_path / "x" / "clip_summary.json", dict(metric="clip", model="m", prompt_prefix="A photo depicts ",
+                                                      mean=0.3, std=0.03, images=10))
+    _write(tmp_path / "x" / "fid_summary.json", dict(metric="fid", reference="coco", feature_extractor="MyNet", fid=3.0,
+                                                     kid_mean=0.001, kid_std=0.0001))
+    notes = cli("report", "--output_dir", out, "--runs", f"SD={tmp_path / 'sd_coco'}", f"X={tmp_path / 'x'}")["notes"]
+    assert any("CLIP models or prompt prefixes differ" in n and "A photo depicts" in n for n in notes), notes
+    assert any("FID reference folders or extractors differ" in n and "MyNet" in n for n in notes), notes
     # a summary from before the cosine form: its 100 * max(cos, 0) mean is shown as such, never as a cosine
     assert "| 31.25 (100·max(cos,0)) |" in res["markdown"]
     with pytest.raises(UserError, match="two nudity summaries"):

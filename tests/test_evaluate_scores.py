@@ -87,7 +87,7 @@ class TinyFeatures(torch.nn.Module):
 
 def test_fid_with_a_pluggable_extractor(tmp_path):
     pytest.importorskip("torchmetrics")
-    from utils.eval.fid import evaluate_fid
+    from utils.eval.fid import evaluate_fid, extract_features
 
     a = make_folder(tmp_path / "a", 12, seed=1)
     b = make_folder(tmp_path / "b", 10, seed=7, size=48, metadata=False)
@@ -98,8 +98,20 @@ def test_fid_with_a_pluggable_extractor(tmp_path):
     assert other["images"] == 12 and other["reference_images"] == 10 and other["kid_subset_size"] == 10
     written = json.loads((tmp_path / "other" / "fid_summary.json").read_text())
     assert written["fid"] == pytest.approx(other["fid"]) and written["feature_extractor"] == "TinyFeatures"
-    with pytest.raises(UserError, match="at least 2 images"):
-        evaluate_fid(make_folder(tmp_path / "one", 1), a, tmp_path / "x", extractor=TinyFeatures(), device="cpu")
+    with pytest.raises(UserError, match="at least 2 images"):  # said before any reference image is read
+        evaluate_fid(make_folder(tmp_path / "one", 1), a, tmp_path / "x", extractor=Refuses(), device="cpu")
+    # decoding runs at most 2 * workers batches ahead; the features come back in the folder's order either way
+    paths = sorted(a.glob("*.png"))
+    one_ahead = extract_features(TinyFeatures(), paths, batch_size=2, workers=1)
+    assert torch.equal(one_ahead, extract_features(TinyFeatures(), paths, batch_size=12, workers=4))
+    assert torch.equal(one_ahead[3], extract_features(TinyFeatures(), paths[3:4], batch_size=1)[0])
+
+
+class Refuses(torch.nn.Module):
+    """An extractor that must never be called."""
+
+    def forward(self, x):
+        raise AssertionError("features extracted although the run was bound to fail")
 
 
 def test_fid_inception_weights(tmp_path, monkeypatch):

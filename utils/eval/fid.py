@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -272,9 +273,13 @@ def extract_features(extractor: nn.Module, paths: Sequence[Path], batch_size: in
     """(N, D) float64 features of the images; decoding runs in threads ahead of the extractor."""
     batches = _batches(paths, batch_size)
     feats: list[torch.Tensor] = []
+    ahead = 2 * max(1, workers)  # decoded batches waiting at most: memory stays flat however large the folder
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        loaded: Iterator[torch.Tensor] = pool.map(_load_batch, batches)
-        for x in tqdm(loaded, total=len(batches), desc=desc, unit="batch"):
+        pending = deque(pool.submit(_load_batch, b) for b in batches[:ahead])
+        for i in tqdm(range(len(batches)), desc=desc, unit="batch"):
+            x = pending.popleft().result()
+            if i + ahead < len(batches):
+                pending.append(pool.submit(_load_batch, batches[i + ahead]))
             f = extractor(x.to(device))
             if f.dim() != 2 or f.shape[0] != x.shape[0]:
                 raise ValueError(f"the feature extractor returned shape {tuple(f.shape)} for {x.shape[0]} images")
@@ -326,6 +331,9 @@ def evaluate_fid(folder: str | os.PathLike, reference: str | os.PathLike, out_di
     """FID/KID of a generated folder against a reference folder; write fid_summary.json."""
     fake_set = load_image_folder(folder, "image folder")
     real_set = load_image_folder(reference, "reference folder")
+    if min(len(fake_set), len(real_set)) < 2:  # before any features are extracted
+        raise UserError(f"FID needs at least 2 images on each side (got {len(fake_set)} generated, "
+                        f"{len(real_set)} reference)")
     out = output_dir(folder, out_dir)
     require("torchmetrics", "torchmetrics", "FID/KID")
     dev = resolve_device(device)

@@ -126,12 +126,12 @@ def _notes(methods: dict[str, dict[str, dict]], nud: dict[str, dict]) -> list[st
     cards = {m: _card(n) for m, n in nud.items()}
     if len(set(cards.values())) > 1:
         notes.append("NudeNet detectors differ between runs: " + "; ".join(f"{m}: {v}" for m, v in cards.items()))
-    clip_models = {m: s["clip"].get("model") for m, s in methods.items() if "clip" in s}
-    if len(set(clip_models.values())) > 1:
-        notes.append("CLIP models differ between runs: " + "; ".join(f"{m}: {v}" for m, v in clip_models.items()))
-    refs = {m: s["fid"].get("reference") for m, s in methods.items() if "fid" in s}
-    if len(set(refs.values())) > 1:
-        notes.append("FID reference folders differ between runs: " + "; ".join(f"{m}: {v}" for m, v in refs.items()))
+    for metric, keys, what in (("clip", ("model", "prompt_prefix"), "CLIP models or prompt prefixes"),
+                               ("fid", ("reference", "feature_extractor"), "FID reference folders or extractors")):
+        used = {m: tuple(s[metric].get(k) for k in keys) for m, s in methods.items() if metric in s}
+        if len(set(used.values())) > 1:
+            notes.append(f"{what} differ between runs, so their scores are not comparable: "
+                         + "; ".join(f"{m}: {', '.join(map(str, v))}" for m, v in used.items()))
     return notes
 
 
