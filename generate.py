@@ -64,7 +64,7 @@ from utils.pipelines import (ARGS, OUR_DEFAULTS, SAMPLING_DEFAULTS, Job, Metadat
                              initial_latents, known_files, load_embedding, load_parts, make_jobs, merge_metadata,
                              metadata_row, resolve_sampling)
 from utils.prompts import Prompt, fit_to_tokenizer, read_prompts
-from utils.saving import atomic_write_text
+from utils.saving import atomic_write_text, weights_digest
 
 BARRIER_HOURS = 72  # how long a process waits for the others at the end (torch's default, 10 minutes, is too short)
 
@@ -244,11 +244,20 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--height and --width must be multiples of {f} (the VAE's scale factor)")
     image_dir, settings = Path(args.image_dir), _settings(args, dtype)
     settings.update(lora_path=[_abs(p) for p, _ in loras] or None, lora_scale=[s for _, s in loras] or None)
-    planned = {job.file for job in make_jobs(prompts, args.num_images_per_prompt, args.seed, args.guidance_scale)}
+    digests = {k: weights_digest(v) for k, v in (("unet", args.unet_path), ("text_encoder", args.text_encoder_path),
+                                                 ("textual_inversion", args.textual_inversion),
+                                                 *((f"lora{i}", p) for i, (p, _) in enumerate(loras)))}
+    settings["weights_sha256"] = {k: v for k, v in digests.items() if v}  # weights retrained in place differ here
+    planned = {job.file for job in make_jobs(prompts[args.start:end], args.num_images_per_prompt, args.seed,
+                                             args.guidance_scale)}
     if check_settings(image_dir, settings, args.overwrite, planned) and state.is_main_process:
+        # the old images this run redoes go first: a stopped --overwrite run, resumed without it, redoes the rest
+        for name in planned:
+            (image_dir / name).unlink(missing_ok=True)
         stale = sorted(p.name for p in image_dir.glob("*_summary.json"))
         if stale:
             print(f"note: {', '.join(stale)} in {image_dir} describe the earlier images; run evaluate.py again")
+    state.wait_for_everyone()  # every process has compared the settings before args.json changes
 
     # everything is checked: from here on we write
     with state.split_between_processes(prompts[args.start:end]) as mine:

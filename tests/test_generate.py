@@ -123,6 +123,41 @@ def test_other_settings_in_the_same_folder_are_refused(tiny_pipeline, prompt_csv
     generate(tiny_pipeline, prompt_csv, out, "--guidance_scale", "3", "--num_images_per_prompt", "2", "--overwrite")
     assert "toy_summary.json in" in capsys.readouterr().out  # told that the evaluation is stale
     assert all(out.joinpath(n).stat().st_mtime_ns != mtimes[n] for n in pngs(reference))
+    empty = tmp_path / "empty"  # settings of a run that failed before its first image: nothing to mix with
+    empty.mkdir()
+    shutil.copy(out / "args.json", empty)
+    assert generate(tiny_pipeline, prompt_csv, empty, "--guidance_scale", "4", "--end", "1")["written"] == 1
+    # redoing part of the prompts (--end) would leave the rest at guidance 3
+    with pytest.raises(UserError, match=r"would not redo \(first: 00001_0.png\)"):
+        generate(tiny_pipeline, prompt_csv, out, "--guidance_scale", "4", "--num_images_per_prompt", "2", "--end", "1",
+                 "--overwrite")
+
+
+def test_a_stopped_overwrite_resumes_without_old_images(tiny_pipeline, prompt_csv, reference, tmp_path, monkeypatch):
+    """--overwrite with new settings, stopped after one batch, then resumed without --overwrite: all images new."""
+    import generate as gen
+
+    out, fresh = tmp_path / "images", tmp_path / "fresh"
+    shutil.copytree(reference, out)
+    real, calls = gen.save_png, []
+
+    def failing(image, path):
+        calls.append(path.name)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real(image, path)
+
+    monkeypatch.setattr(gen, "save_png", failing)
+    with pytest.raises(OSError, match="No space left"):
+        generate(tiny_pipeline, prompt_csv, out, "--guidance_scale", "3", "--guidance_source", "flag",
+                 "--num_images_per_prompt", "2", "--batch_size", "2", "--overwrite")
+    monkeypatch.setattr(gen, "save_png", real)
+    flags = ("--guidance_scale", "3", "--guidance_source", "flag", "--num_images_per_prompt", "2")
+    summary = generate(tiny_pipeline, prompt_csv, out, *flags)
+    assert summary["written"] == 6 and summary["skipped"] == 2
+    generate(tiny_pipeline, prompt_csv, fresh, *flags)
+    assert_same_images(fresh, out)
+    assert set(metadata(out)["guidance"]) == {"3.0"}
 
 
 def test_two_shards_equal_one_run(tiny_pipeline, prompt_csv, reference, tmp_path):

@@ -50,6 +50,19 @@ def test_unet_path_file_and_folder(tiny_pipeline, prompt_csv, reference, erased,
     assert_same_images(tmp_path / "file", tmp_path / "sld", ["00000_0.png"])
 
 
+def test_weights_changed_in_place_are_other_settings(tiny_pipeline, prompt_csv, erased, tmp_path):
+    """A U-Net retrained into the same folder is not taken for the one that made the images there."""
+    import shutil
+
+    unet = shutil.copytree(erased[1], tmp_path / "unet")
+    out = tmp_path / "out"
+    generate(tiny_pipeline, prompt_csv, out, "--end", "1", "--unet_path", str(unet))
+    assert generate(tiny_pipeline, prompt_csv, out, "--end", "1", "--unet_path", str(unet))["skipped"] == 1
+    shutil.copy(tiny_pipeline / "unet" / "diffusion_pytorch_model.safetensors", unet)  # "retrained"
+    with pytest.raises(UserError, match="other settings .*weights_sha256"):
+        generate(tiny_pipeline, prompt_csv, out, "--end", "1", "--unet_path", str(unet))
+
+
 def bad_unet_folder(tmp_path: Path) -> Path:
     """A U-Net whose cross-attention width does not fit the tiny text encoder."""
     tiny_unet(cross_attention_dim=16).save_pretrained(tmp_path / "other-unet")
@@ -76,6 +89,8 @@ def bad_erasure_file(tmp_path: Path) -> Path:
     ("U-Net of another model", ["--unet_path", "{bad_unet}"], "does not fit"),
     ("erasure of another model", ["--unet_path", "{bad_erasure}"], "does not fit"),
     ("broken checkpoint", ["--unet_path", "{tmp}/checkpoint-5"], "is not a checkpoint of train_sdd.py"),
+    ("text encoder of another model", ["--text_encoder_path", f"{ROOT}/assets/toy-sd/text_encoder"],
+     "gives 64-wide embeddings, but the U-Net's cross-attention takes 32"),
     ("odd size", ["--height", "15"], "multiples of 2"),
 ])
 def test_bad_input_writes_nothing(tiny_pipeline, prompt_csv, tmp_path, case, flags, message):

@@ -57,12 +57,15 @@ def test_csv_seed_and_guidance_aliases(tmp_path):
     prompts = read_prompts(write(tmp_path / "p.csv", "prompt,seed,guidance_scale,evaluation_seed\n"
                                                      "a,5,3.5,\nb,6,,99\n"))
     assert [(p.seed, p.guidance) for p in prompts] == [(5, 3.5), (99, None)]  # evaluation_seed wins when present
+    hf = read_prompts(write(tmp_path / "hf.csv", "prompt,sd_seed,sd_guidance_scale\na,4261553411,13\n"))  # HF I2P
+    assert (hf[0].seed, hf[0].guidance, hf[0].extra) == (4261553411, 13.0, {})
 
 
 @pytest.mark.parametrize("data", [
     ["a cat", "a dog"],
     [{"prompt": "a cat", "seed": 3, "categories": ["x", "y"]}, {"prompt": "a dog", "guidance_scale": 5}],
     {"prompt": ["a cat", "a dog"], "seed": [3, None]},
+    {"prompts": ["a cat", "a dog"], "evaluation_seeds": [3, 4]},  # the reference code's object
 ])
 def test_json_forms(tmp_path, data):
     prompts = read_prompts(write(tmp_path / "p.json", json.dumps(data)))

@@ -95,6 +95,10 @@ def load_parts(name: str, unet_path: str | None, dtype: torch.dtype, revision: s
             parts[key] = from_pretrained(cls, path)
     if text_encoder_path:
         parts["text_encoder"].to(dtype)
+    width, wanted = parts["text_encoder"].config.hidden_size, parts["unet"].config.cross_attention_dim
+    if isinstance(wanted, int) and width != wanted:
+        raise UserError(f"the text encoder{f' at {text_encoder_path}' if text_encoder_path else ''} gives {width}-wide "
+                        f"embeddings, but the U-Net's cross-attention takes {wanted}")
     return parts
 
 
@@ -338,6 +342,8 @@ def check_settings(image_dir: Path, settings: dict[str, Any], overwrite: bool, p
         old = {}
     diff = [f"{k}: {old[k]!r} there, {v!r} now" for k, v in settings.items()
             if k in old and not same_flag_value(old[k], v)]
+    if diff and not known_files(image_dir) and not any(image_dir.glob("*.png")):
+        return []  # nothing made with the old settings (a run that failed before its first image)
     if diff and not overwrite:
         raise UserError(f"{image_dir} holds images made with other settings ({'; '.join(diff)}); "
                         f"use another --image_dir, or --overwrite to redo them")

@@ -2,11 +2,13 @@
 
 Formats:
 - `.txt`: one prompt a line; blank lines are skipped.
-- `.csv`: column `prompt` required (an empty cell is the empty prompt); optional `evaluation_seed` or `seed`,
-  `evaluation_guidance` or `guidance_scale`, `case_number`; every other column is carried along (I2P's
+- `.csv`: column `prompt` required (an empty cell is the empty prompt); optional `evaluation_seed`, `seed` or
+  `sd_seed` (the Hugging Face copy of I2P), `evaluation_guidance`, `guidance_scale` or `sd_guidance_scale`,
+  `case_number`; every other column is carried along (I2P's
   `categories`, `hard`, ...; unnamed index columns are dropped). Cells are read as text, so nothing is turned
   into NaN or a float on the way.
-- `.json`: a list of strings, a list of objects (fields as the CSV columns) or an object of equally long lists.
+- `.json`: a list of strings, a list of objects (fields as the CSV columns) or an object of equally long lists
+  (also the reference code's `prompts` with `seeds` or `evaluation_seeds`).
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ import pandas as pd
 
 from utils.cli import UserError
 
-SEED_KEYS = ("evaluation_seed", "seed")
-GUIDANCE_KEYS = ("evaluation_guidance", "guidance_scale")
+SEED_KEYS = ("evaluation_seed", "seed", "sd_seed")  # the first one present is used
+GUIDANCE_KEYS = ("evaluation_guidance", "guidance_scale", "sd_guidance_scale")
+PLURAL_KEYS = {"prompts": "prompt", "seeds": "seed", "evaluation_seeds": "evaluation_seed"}  # reference JSON object
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed accepts
 
 
@@ -111,8 +114,9 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"could not read {path} as JSON: {e}") from None
     if isinstance(data, dict):
+        data = {k if PLURAL_KEYS.get(k, k) in data else PLURAL_KEYS.get(k, k): v for k, v in data.items()}
         if "prompt" not in data or not all(isinstance(v, list) for v in data.values()):
-            raise UserError(f"{path}: a JSON object must map `prompt` and any other field to lists")
+            raise UserError(f"{path}: a JSON object must map `prompt` (or `prompts`) and any other field to lists")
         if len({len(v) for v in data.values()}) > 1:
             raise UserError(f"{path}: the lists in the JSON object have different lengths")
         return [dict(zip(data, row)) for row in zip(*data.values())]

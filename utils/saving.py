@@ -1,6 +1,7 @@
 """Atomic writes, the shareable erasure file (trained tensors only) and loading a fine-tuned U-Net."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -49,6 +50,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
+
+
+def weights_digest(path: str | os.PathLike | None) -> str | None:
+    """SHA-256 of a local weights file, or of the weight and config files under a folder (names and bytes); None for a
+    hub id or None. Images record it, so weights retrained in place are not taken for the ones that made them."""
+    if not path:
+        return None
+    root = Path(path).expanduser()
+    files = [root] if root.is_file() else sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES and not p.name.startswith("."))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() if f != root else b"")
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
