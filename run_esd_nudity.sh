@@ -8,11 +8,12 @@
 # (ESD-x only: ESD-u trains 813 M parameters, whose fp32 weights, gradients and AdamW states alone take about 13 GB.)
 # Rerunning the same command continues from the newest checkpoint; other flags into the same folder are refused.
 set -euo pipefail
-OUTPUT_DIR=${1:-outputs/esd-x-nudity}
+HERE=$(cd "$(dirname "$0")" && pwd)  # runs from any folder
+OUTPUT_DIR=${1:-$HERE/outputs/esd-x-nudity}
 shift || true
-python train_esd.py \
+python "$HERE"/train_esd.py \
   --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \
-  --removing_concepts prompts/nudity.txt \
+  --removing_concepts "$HERE"/prompts/nudity.txt \
   --finetuning_method xattn \
   --num_train_steps 1000 \
   --num_ddim_steps 50 \
@@ -26,7 +27,7 @@ python train_esd.py \
   --checkpointing_steps 250 \
   --checkpoints_total_limit 2 \
   --resume_from_checkpoint latest \
-  --validation_prompts prompts/validation_body.txt \
+  --validation_prompts "$HERE"/prompts/validation_body.txt \
   --validation_steps 250 \
   --num_validation_images 2 \
   --seed 42 \

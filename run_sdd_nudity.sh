@@ -6,11 +6,12 @@
 #   bash run_sdd_nudity.sh outputs/sdd-nudity-bf16 --mixed_precision bf16 --gradient_checkpointing
 # Rerunning the same command continues from the newest checkpoint; other flags into the same folder are refused.
 set -euo pipefail
-OUTPUT_DIR=${1:-outputs/sdd-nudity}
+HERE=$(cd "$(dirname "$0")" && pwd)  # runs from any folder
+OUTPUT_DIR=${1:-$HERE/outputs/sdd-nudity}
 shift || true
-python train_sdd.py \
+python "$HERE"/train_sdd.py \
   --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \
-  --removing_concepts prompts/nudity.txt \
+  --removing_concepts "$HERE"/prompts/nudity.txt \
   --concept_method iterative \
   --sampling_concept current \
   --removal_target all \
@@ -27,7 +28,7 @@ python train_sdd.py \
   --checkpointing_steps 250 \
   --checkpoints_total_limit 2 \
   --resume_from_checkpoint latest \
-  --validation_prompts prompts/validation_body.txt \
+  --validation_prompts "$HERE"/prompts/validation_body.txt \
   --validation_steps 250 \
   --num_validation_images 2 \
   --eval_with teacher \

@@ -50,10 +50,53 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_pipeline, tmp_path):
 
 
 def test_refuses_to_overwrite_a_finished_run(tiny_pipeline, tmp_path):
-    train_sdd.main(sd_args(tiny_pipeline, tmp_path / "o"))
+    train_sdd.main(sd_args(tiny_pipeline, tmp_path / "o", "--checkpointing_steps", "1", "--validation_prompts", "a",
+                           "--validation_steps", "1"))
     with pytest.raises(UserError, match="finished run"):
         train_sdd.main(sd_args(tiny_pipeline, tmp_path / "o"))
-    train_sdd.main(sd_args(tiny_pipeline, tmp_path / "o", "--overwrite_output_dir"))
+    # --overwrite_output_dir replaces the whole run: none of the old checkpoints or grids stay to be mixed with ours
+    train_sdd.main(sd_args(tiny_pipeline, tmp_path / "o", "--overwrite_output_dir", "--checkpointing_steps", "2",
+                           "--learning_rate", "1e-4"))
+    assert sorted(p.name for p in (tmp_path / "o").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert '"learning_rate": 0.0001' in (tmp_path / "o" / "checkpoint-2" / "run.json").read_text()
+    assert not (tmp_path / "o" / "validation").exists() and (tmp_path / "o" / "unet").is_dir()
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in ("unet", "checkpoint-2"):  # written through a temp folder, yet as mkdir would make them
+        assert (tmp_path / "o" / folder).stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_resume_names_a_checkpoint_in_the_output_dir_and_not_one_past_the_end(tiny_pipeline, tmp_path):
+    part = partial_run(tiny_pipeline, tmp_path)
+    (part / "checkpoint-1").rename(part / "checkpoint-2")  # a checkpoint past the end of a 1-step run
+    with pytest.raises(UserError, match="checkpoint-2 is past --num_train_steps 1"):
+        train_sdd.main(sd_args(tiny_pipeline, part, "--resume_from_checkpoint", "latest", "--num_train_steps", "1"))
+    (part / "checkpoint-2").rename(part / "checkpoint-1")
+    # as in the diffusers examples, a bare checkpoint name is looked up in --output_dir
+    train_sdd.main(sd_args(tiny_pipeline, part, "--resume_from_checkpoint", "checkpoint-1"))
+    assert f"resumed from {part / 'checkpoint-1'} at step 1" in (part / "train.log").read_text()
+
+
+def test_a_signal_while_validating_saves_a_checkpoint_and_one_while_finishing_waits(tiny_pipeline, tmp_path,
+                                                                                    monkeypatch):
+    from utils.cli import Stopped
+    from utils.trainer import Run
+
+    drawn = Run.validate
+
+    def interrupted(self):  # a real SIGINT, sent while the grid is drawn
+        drawn(self)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Run, "validate", interrupted)
+    flags = ("--validation_prompts", "a", "--validation_steps", "1", "--checkpointing_steps", "10")
+    with pytest.raises(Stopped, match="stopped by SIGINT at step 1 of 3"):
+        train_sdd.main(sd_args(tiny_pipeline, tmp_path / "o", *flags))
+    assert [p.name for p in (tmp_path / "o").glob("checkpoint-*")] == ["checkpoint-1"]
+    # resumed, the signal arrives during the final grid: the result is still written
+    flags = ("--validation_prompts", "a", "--validation_steps", "10", "--checkpointing_steps", "10")
+    train_sdd.main(sd_args(tiny_pipeline, tmp_path / "o", *flags, "--resume_from_checkpoint", "latest"))
+    assert (tmp_path / "o" / "unet").is_dir() and (tmp_path / "o" / "erasure.safetensors").is_file()
 
 
 @pytest.mark.parametrize("case,match", [
@@ -63,10 +106,14 @@ def test_refuses_to_overwrite_a_finished_run(tiny_pipeline, tmp_path):
     (["--removing_concepts", "missing.txt"], "does not exist"),
     (["--resume_from_checkpoint", "/no/such/checkpoint-5"], "does not exist"),
     (["--resolution", "18"], "not divisible"),
+    (["--checkpoints_total_limit", "-1"], "checkpoints_total_limit must be >= 0"),
+    (["--ema_decay", "1.5"], r"ema_decay must be in \[0, 1\]"),
+    (["--output_dir", "FILE/run"], "is a file, not a folder"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny_pipeline, tmp_path, case, match):
     (tmp_path / "empty.txt").write_text("\n  \n")
-    case = [str(tmp_path / "empty.txt") if c == "EMPTY" else c for c in case]
+    (tmp_path / "afile").write_text("")
+    case = [str(tmp_path / "empty.txt") if c == "EMPTY" else c.replace("FILE", str(tmp_path / "afile")) for c in case]
     out = tmp_path / "out"
     argv = ["--pretrained_model_name_or_path", str(tiny_pipeline), "--removing_concepts", "nudity",
             "--output_dir", str(out), *FAST, *case]

@@ -37,6 +37,7 @@ def script_argv(script: str, out: str = "OUT", *extra: str):
     """(module, argv) of a run_*.sh script's python line, with its output folder and the flags appended to it."""
     text = (ROOT / script).read_text().replace("\\\n", " ")
     line = next(ln for ln in text.splitlines() if ln.strip().startswith("python ") and "train_" in ln)
+    line = line.replace('"$HERE"/', "").replace('"$HERE/', '"').replace("$HERE/", "")
     argv = shlex.split(line.replace('"$OUTPUT_DIR"', out).replace('"$@"', ""))
     return {"train_sdd.py": train_sdd, "train_esd.py": train_esd}[argv[1]], [*argv[2:], *extra]
 

@@ -52,7 +52,13 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     """checkpoint-N folders holding a state.pt, oldest first."""
     found = [p for p in output_dir.glob("checkpoint-*")
              if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "state.pt").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """N of a checkpoint-N folder (None for another name)."""
+    m = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return int(m.group(1)) if m else None
 
 
 def check_run_args(args: argparse.Namespace) -> tuple[list[str], list[str], Path | None, dict]:
@@ -70,7 +76,15 @@ def check_run_args(args: argparse.Namespace) -> tuple[list[str], list[str], Path
                  "checkpointing_steps", "validation_steps", "num_validation_images"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if (args.checkpoints_total_limit or 0) < 0:
+        raise UserError(f"--checkpoints_total_limit must be >= 0 (0 or unset: keep all), got "
+                        f"{args.checkpoints_total_limit}")
+    if not 0 <= getattr(args, "ema_decay", 0) <= 1:
+        raise UserError(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
     resume = resolve_resume(args)
+    if resume is not None and (checkpoint_step(resume) or 0) > args.num_train_steps:
+        raise UserError(f"{resume} is past --num_train_steps {args.num_train_steps}; raise it or start a new "
+                        f"--output_dir")
     check_output_dir(args, resume)
     identity = run_identity(args, concepts)
     if resume is not None:
@@ -86,6 +100,9 @@ def resolve_resume(args: argparse.Namespace) -> Path | None:
         found = list_checkpoints(Path(args.output_dir))
         return found[-1] if found else None
     path = Path(args.resume_from_checkpoint)
+    inside = Path(args.output_dir) / path.name  # "checkpoint-500" names one in --output_dir, as in the diffusers examples
+    if not (path / "state.pt").exists() and (inside / "state.pt").exists():
+        path = inside
     if not (path / "state.pt").exists():
         raise UserError(f"checkpoint {path} does not exist (expected a checkpoint-N folder with state.pt)")
     return path
@@ -94,6 +111,9 @@ def resolve_resume(args: argparse.Namespace) -> Path | None:
 def check_output_dir(args: argparse.Namespace, resume: Path | None) -> None:
     """Refuse to overwrite or extend a finished run, or to ignore checkpoints silently."""
     out = Path(args.output_dir)
+    blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise UserError(f"--output_dir {out}: {blocked} is a file, not a folder")
     if args.overwrite_output_dir:
         return
     done = [name for name in ("unet", "erasure.safetensors") if (out / name).exists()]
@@ -158,6 +178,15 @@ def write_checkpoint(final: Path, blob: dict, identity: dict) -> None:
         (tmp / "run.json").write_text(json.dumps(identity, indent=2), encoding="utf-8")
 
 
+def clear_run(out: Path) -> None:
+    """Remove a run's checkpoints, result and validation grids from `out` (for --overwrite_output_dir)."""
+    for p in [*out.glob("checkpoint-*"), out / "unet", out / "validation", *out.glob("erasure*.safetensors")]:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
 def prune_checkpoints(out: Path, limit: int | None) -> None:
     """Keep the newest `limit` checkpoints (all when None or 0)."""
     if limit:
@@ -191,6 +220,7 @@ class StopOnSignal:
 
     def __init__(self) -> None:
         self.raised, self.signum = False, None
+        self.action = "saving a checkpoint after this step"  # what the first signal is answered with
         self._old = {}
 
     def __enter__(self):
@@ -205,7 +235,7 @@ class StopOnSignal:
         if self.raised:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.raised, self.signum = True, signum
-        tqdm.write(f"received {signal.Signals(signum).name}: saving a checkpoint after this step (again: stop now)")
+        tqdm.write(f"received {signal.Signals(signum).name}: {self.action} (again: stop now)")
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():

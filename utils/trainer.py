@@ -19,7 +19,8 @@ from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from utils.cli import DTYPES, UserError, add_threads_arg, apply_threads, resolve_device, setup_logging
-from utils.checkpoints import StopOnSignal, TrainState, check_run_args, load_checkpoint, save_checkpoint
+from utils.checkpoints import (StopOnSignal, TrainState, check_run_args, checkpoint_step, clear_run, load_checkpoint,
+                               save_checkpoint)
 from utils.concepts import CONCEPT_METHODS, concept_schedule, joined, step_prompts
 from utils.convtune import autotune_convolutions, choices
 from utils.models import cast, from_pretrained, load_sd_parts
@@ -162,14 +163,17 @@ def train(args: argparse.Namespace, make_method: Callable[[Setup], Method]) -> P
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}", concept=c_p[:20], k=k)
             run.checkpoint_and_validate(stopping=stop.raised)
-    bar.close()
-    if run.step < args.num_train_steps:
-        stopped = stop.stopped(run.step, args.num_train_steps, run.last_ckpt, run.out,
-                               args.resume_from_checkpoint == "latest")
-        run.logger.info(str(stopped))
-        raise stopped
-    run.logger.info("trained %d steps in %.1f s", args.num_train_steps, time.time() - t_start)
-    return run.finish()
+        bar.close()
+        if run.step < args.num_train_steps:
+            if run.step and (run.last_ckpt is None or checkpoint_step(run.last_ckpt) != run.step):
+                run.checkpoint_and_validate(stopping=True)  # the signal came while a validation grid was drawn
+            stopped = stop.stopped(run.step, args.num_train_steps, run.last_ckpt, run.out,
+                                   args.resume_from_checkpoint == "latest")
+            run.logger.info(str(stopped))
+            raise stopped
+        run.logger.info("trained %d steps in %.1f s", args.num_train_steps, time.time() - t_start)
+        stop.action = "writing the result first"  # a signal now waits for the result (a second one stops at once)
+        return run.finish()
 
 
 class Run:
@@ -187,6 +191,8 @@ class Run:
         torch.manual_seed(args.seed)
         self.parts = load_sd_parts(args.pretrained_model_name_or_path, args.revision, args.variant)
         self.latent_shape = self._latent_shape()
+        if resume is None and args.overwrite_output_dir:  # the old run goes now, or its checkpoints mix with ours
+            clear_run(self.out)
         self.logger = setup_logging(self.out, "train.log")
         if resume is None:  # a resumed run keeps the args.json of its start; train.log records every invocation
             atomic_write_text(self.out / "args.json", json.dumps(vars(args), indent=2, default=str))
@@ -196,6 +202,8 @@ class Run:
         self.step, self.last_ckpt = 0, resume
         if resume is not None:
             self.step = load_checkpoint(resume, self.state, self.device)
+            if self.step > args.num_train_steps:
+                raise UserError(f"{resume} is at step {self.step}, past --num_train_steps {args.num_train_steps}")
             self.logger.info("resumed from %s at step %d", resume, self.step)
             print(f"resumed from {resume} at step {self.step}")
         elif args.resume_from_checkpoint == "latest":
