@@ -164,6 +164,20 @@ def _generate(args, prompt_file: Path, image_dir: Path, seed: int, n: int, unet_
         generate.main(generate.parse_args(argv + (["--overwrite"] if args.overwrite_output_dir else [])))
 
 
+def _drop_if_replanned(folder: Path, prompt_file: Path, text: str, args: argparse.Namespace) -> None:
+    """Remove images drawn for other prompts, counts or seeds: a resume may change the scoring flags, and the rates
+    are taken over whole folders."""
+    try:
+        old = json.loads((folder / "args.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = {}
+    same = (prompt_file.is_file() and prompt_file.read_text(encoding="utf-8") == text
+            and old.get("num_images_per_prompt") == args.num_images_per_prompt and old.get("seed") == args.seed)
+    if folder.exists() and not same:
+        logging.getLogger("sdd").info("%s was drawn for other prompts, counts or seeds: drawing it again", folder)
+        shutil.rmtree(folder)
+
+
 def _invert(args, c: dict, target_dir: Path, out: Path) -> Path:
     """Train the embedding (from a checkpoint when resuming) and save it."""
     embedding = out / EMBEDDING_FILE
@@ -190,6 +204,9 @@ def main(args: argparse.Namespace) -> dict:
     """Targets, pre-attack images, inversion, post-attack images, scores; returns the summary."""
     c = _check(args)
     out, t0, seconds = Path(args.output_dir), time.time(), {}
+    if args.overwrite_output_dir:  # the old run's images go, or they would be scored with ours
+        for name in ("pre_attack", "post_attack", *(() if args.target_dir else ("targets",))):
+            shutil.rmtree(out / name, ignore_errors=True)
     log = setup_logging(out, LOG)  # from here on we write
     atomic_write_text(out / "args.json", json.dumps(vars(args), indent=2, default=str))
     log.info("args %s", json.dumps(vars(args), default=str))
@@ -201,7 +218,9 @@ def main(args: argparse.Namespace) -> dict:
         atomic_write_text(out / "target_prompts.txt", "\n".join(lines) + "\n")
         _generate(args, out / "target_prompts.txt", target_dir, args.target_seed, 1, size=c["resolution"])
     seconds["targets"] = time.time() - t0
-    atomic_write_text(out / "pre_attack_prompts.txt", "".join(fill(t, args.concept) + "\n" for t in c["prompts"]))
+    pre_text = "".join(fill(t, args.concept) + "\n" for t in c["prompts"])
+    _drop_if_replanned(out / "pre_attack", out / "pre_attack_prompts.txt", pre_text, args)
+    atomic_write_text(out / "pre_attack_prompts.txt", pre_text)
     _generate(args, out / "pre_attack_prompts.txt", out / "pre_attack", args.seed, args.num_images_per_prompt,
               args.unet_path)
     label = args.toy_colour or args.concept
@@ -216,6 +235,7 @@ def main(args: argparse.Namespace) -> dict:
     seconds["train"] = time.time() - t0 - sum(seconds.values())
 
     adversarial = "".join(fill(t, c["placeholder"]) + "\n" for t in c["prompts"])
+    _drop_if_replanned(out / "post_attack", out / "adversarial_prompts.txt", adversarial, args)
     atomic_write_text(out / "adversarial_prompts.txt", adversarial)
     _generate(args, out / "adversarial_prompts.txt", out / "post_attack", args.seed, args.num_images_per_prompt,
               args.unet_path, embedding)

@@ -60,7 +60,7 @@ from utils.images import save_png
 from utils.lora import check_lora_args
 from utils.pipelines import (ARGS, OUR_DEFAULTS, SAMPLING_DEFAULTS, Job, MetadataShard, SemanticStableDiffusionPipeline,
                              StableDiffusionPipeline, StableDiffusionPipelineSafe, build_pipeline, call_defaults,
-                             check_settings, default_image_dir, default_safety_concept, guidance_batches,
+                             check_prompts, check_settings, default_image_dir, default_safety_concept, guidance_batches,
                              initial_latents, known_files, load_embedding, load_parts, make_jobs, merge_metadata,
                              metadata_row, resolve_sampling)
 from utils.prompts import Prompt, fit_to_tokenizer, read_prompts
@@ -248,8 +248,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                                  ("textual_inversion", args.textual_inversion),
                                                  *((f"lora{i}", p) for i, (p, _) in enumerate(loras)))}
     settings["weights_sha256"] = {k: v for k, v in digests.items() if v}  # weights retrained in place differ here
-    planned = {job.file for job in make_jobs(prompts[args.start:end], args.num_images_per_prompt, args.seed,
-                                             args.guidance_scale)}
+    jobs = make_jobs(prompts[args.start:end], args.num_images_per_prompt, args.seed, args.guidance_scale)
+    planned = {job.file for job in jobs}
+    check_prompts(image_dir, jobs, args.overwrite)
     if check_settings(image_dir, settings, args.overwrite, planned) and state.is_main_process:
         # the old images this run redoes go first: a stopped --overwrite run, resumed without it, redoes the rest
         for name in planned:

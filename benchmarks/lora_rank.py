@@ -81,6 +81,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.erasures and not args.combine and not args.sd_sizes:
         p.error("give --erasures LABEL=FILE ... and/or --combine FILE FILE ..., or --sd_sizes")
+    for flag in ("n_per_prompt", "steps", "batch_size"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1")
     return args
 
 

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import io
 import itertools
+import json
 import os
 import sys
 from pathlib import Path
@@ -28,7 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from utils.checkpoints import list_checkpoints  # noqa: E402
-from utils.cli import ArgumentParser, HelpFormatter, UserError, add_threads_arg, apply_threads, run  # noqa: E402
+from utils.cli import (ArgumentParser, HelpFormatter, UserError, add_threads_arg, apply_threads, run,  # noqa: E402
+                       same_flag_value)
 from utils.eval.common import write_json  # noqa: E402
 from utils.saving import atomic_write_text, checkpoint_weights  # noqa: E402
 from utils.toy import measure as M  # noqa: E402
@@ -65,8 +67,6 @@ def run_name(combo: dict[str, str]) -> str:
 def train_one(args: argparse.Namespace, combo: dict[str, str], out: Path) -> None:
     """Train one combination up to --max_steps with a checkpoint every --check_every steps (skipped when done)."""
     module = __import__(f"train_{args.method}")
-    if (out / "unet").exists():
-        return
     flags = {**BASE_FLAGS, **combo}
     argv = ["--pretrained_model_name_or_path", str(args.model), "--removing_concepts", *args.removing_concepts,
             "--num_train_steps", str(args.max_steps), "--checkpointing_steps", str(args.check_every),
@@ -75,8 +75,18 @@ def train_one(args: argparse.Namespace, combo: dict[str, str], out: Path) -> Non
     for k, v in flags.items():
         argv += [f"--{k}", str(v)]
     argv += args.extra  # last, so that its values win (argparse keeps the last)
+    wanted = module.parse_args(argv)
+    if (out / "unet").exists():  # finished: reused only when it is this run
+        done = json.loads((out / "args.json").read_text(encoding="utf-8")) if (out / "args.json").is_file() else {}
+        keys = ("method", "pretrained_model_name_or_path", "removing_concepts", "num_train_steps", *flags,
+                *(a[2:] for a in args.extra if a.startswith("--")))
+        diff = [k for k in keys if k in vars(wanted) and not same_flag_value(done.get(k), getattr(wanted, k))]
+        if diff:
+            raise UserError(f"{out} holds a finished run with other {', '.join(diff)}; use another --output_dir")
+        return
     with contextlib.redirect_stdout(io.StringIO()):
-        module.main(module.parse_args(argv))
+        module.main(wanted)
+
 
 
 def meets(res: dict) -> bool:

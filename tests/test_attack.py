@@ -134,6 +134,11 @@ def test_resume_matches_an_uninterrupted_run(attacked, tiny_pipeline, tmp_path):
     a, b = load_file(str(out / "learned_embeds.safetensors")), load_file(str(copy / "learned_embeds.safetensors"))
     assert torch.equal(a["<red>"], b["<red>"])
     assert again["post_attack_rate"] == summary["post_attack_rate"]
+    # the scoring flags may change on a resume: the images are drawn again for them, none of the old ones is scored
+    rescored = main(parse_args(attack_args(tiny_pipeline, copy, *erased, "--resume_from_checkpoint", "latest",
+                                           "--prompts", "a {} triangle", "--num_images_per_prompt", "1")))
+    assert rescored["pre_attack"]["images"] == rescored["post_attack"]["images"] == 1
+    assert (copy / "pre_attack" / "metadata.csv").read_text().splitlines()[1].startswith("00000_0.png,a red triangle,")
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

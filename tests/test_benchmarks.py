@@ -97,3 +97,22 @@ def test_png_overlap_reports_its_four_numbers(capsys):
     res = bench_generate.png_overlap(64, n=2)
     assert set(res) == {"png_ms", "encode_s", "work_s", "overlapped_s"} and all(v > 0 for v in res.values())
     assert "2 PNGs of 64 px" in capsys.readouterr().out
+
+
+def test_sweep_reuses_a_finished_run_only_when_it_is_the_same_run(tiny_pipeline, tmp_path):
+    from benchmarks import sweep_toy
+    from utils.cli import UserError
+
+    def args(*flags):
+        return sweep_toy.parse_args(["--model", str(tiny_pipeline), "--max_steps", "2", "--check_every", "2",
+                                     "--output_dir", str(tmp_path), *flags, "--extra", "--num_ddim_steps", "2"])
+
+    out = tmp_path / "lr1e-4"
+    sweep_toy.train_one(args(), {"learning_rate": "1e-4"}, out)
+    stamp = (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    sweep_toy.train_one(args(), {"learning_rate": "1e-4"}, out)  # the same run: kept as it is
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(UserError, match="finished run with other method"):
+        sweep_toy.train_one(args("--method", "esd"), {"learning_rate": "1e-4"}, out)
+    with pytest.raises(UserError, match="other removing_concepts"):
+        sweep_toy.train_one(args("--removing_concepts", "blue"), {"learning_rate": "1e-4"}, out)

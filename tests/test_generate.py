@@ -133,6 +133,17 @@ def test_other_settings_in_the_same_folder_are_refused(tiny_pipeline, prompt_csv
                  "--overwrite")
 
 
+def test_an_edited_prompt_file_is_not_taken_for_the_images_there(tiny_pipeline, prompt_csv, tmp_path):
+    prompts, out = tmp_path / "prompts.csv", tmp_path / "images"
+    shutil.copy(prompt_csv, prompts)
+    generate(tiny_pipeline, prompts, out, "--end", "2")
+    prompts.write_text(prompt_csv.read_text().replace("red circle", "blue circle"), encoding="utf-8")
+    with pytest.raises(UserError, match=r"00001_0.png \(and 0 more\) was drawn from another prompt or seed"):
+        generate(tiny_pipeline, prompts, out, "--end", "2")
+    assert generate(tiny_pipeline, prompts, out, "--end", "2", "--overwrite")["written"] == 2
+    assert list(metadata(out)["prompt"]) == ["a photo of a cat", "blue circle"]
+
+
 def test_a_stopped_overwrite_resumes_without_old_images(tiny_pipeline, prompt_csv, reference, tmp_path, monkeypatch):
     """--overwrite with new settings, stopped after one batch, then resumed without --overwrite: all images new."""
     import generate as gen

@@ -58,6 +58,13 @@ def test_weights_changed_in_place_are_other_settings(tiny_pipeline, prompt_csv, 
     out = tmp_path / "out"
     generate(tiny_pipeline, prompt_csv, out, "--end", "1", "--unet_path", str(unet))
     assert generate(tiny_pipeline, prompt_csv, out, "--end", "1", "--unet_path", str(unet))["skipped"] == 1
+    from safetensors.torch import load_file, save_file
+
+    from utils.saving import weights_digest
+
+    digest, weights = weights_digest(unet), unet / "diffusion_pytorch_model.safetensors"
+    save_file(load_file(weights), weights, metadata={"format": "pt", "note": "saved again"})  # same tensors
+    assert weights_digest(unet) == digest
     shutil.copy(tiny_pipeline / "unet" / "diffusion_pytorch_model.safetensors", unet)  # "retrained"
     with pytest.raises(UserError, match="other settings .*weights_sha256"):
         generate(tiny_pipeline, prompt_csv, out, "--end", "1", "--unet_path", str(unet))

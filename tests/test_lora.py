@@ -15,7 +15,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import generate
 import train_esd
@@ -235,9 +235,16 @@ def test_cli_errors_are_one_line(tmp_path):
     ("scales do not match", "one value or one per --lora_path"),
     ("missing file", "is not a file"),
     ("not a LoRA", "could not load LoRA"),
+    ("LoRA of another base, without our metadata", "could not load LoRA"),
 ])
 def test_generate_bad_lora_is_one_line_and_writes_nothing(tiny_pipeline, tmp_path, case, message):
-    if case == "LoRA of another base":
+    if case.startswith("LoRA of another base,"):  # from another tool: diffusers' own error, said once
+        base = other_base(tmp_path)
+        unet = UNet2DConditionModel.from_pretrained(base / "unet")
+        lora = export_lora(make_erasure(base, tmp_path / "e.safetensors", unet=unet), rank=2)["path"]
+        save_file(load_file(lora), str(tmp_path / "foreign.safetensors"))
+        flags = [str(tmp_path / "foreign.safetensors")]
+    elif case == "LoRA of another base":
         base = other_base(tmp_path)
         unet = UNet2DConditionModel.from_pretrained(base / "unet")
         flags = [export_lora(make_erasure(base, tmp_path / "e.safetensors", unet=unet), rank=2)["path"]]
@@ -255,6 +262,12 @@ def test_generate_bad_lora_is_one_line_and_writes_nothing(tiny_pipeline, tmp_pat
                                            str(tmp_path / "p.txt"), "--image_dir", str(tmp_path / "out"),
                                            "--device", "cpu", "--lora_path", *flags]))
     assert not (tmp_path / "out").exists()
+    if case.startswith("LoRA of another base,"):  # on the command line: one line, not diffusers' list of mismatches
+        r = subprocess.run([sys.executable, "generate.py", "--pretrained_model_name_or_path", str(tiny_pipeline),
+                            "--prompt_path", str(tmp_path / "p.txt"), "--image_dir", str(tmp_path / "out"),
+                            "--device", "cpu", "--lora_path", *flags], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert r.returncode == 2 and r.stderr.strip().startswith("error: could not load LoRA"), r.stderr
 
 
 def test_train_export_lora_rank_writes_the_lora_beside_the_outputs(tiny_pipeline, tmp_path):

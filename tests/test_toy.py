@@ -241,10 +241,12 @@ def test_panels_draws_one_block_per_model_and_checks_every_unet_first(tmp_path, 
 
     out = tmp_path / "panels.png"
     flags = ["--prompts", "a red circle", "an apple", "--n_per_prompt", "1", "--steps", "2", "--output", str(out)]
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="--unet gone=/no/such/unet: /no/such/unet does not exist"):
         main(parse_args(["panels", "--base", str(SHIPPED), "--unet", f"same={SHIPPED / 'unet'}", "gone=/no/such/unet",
                          *flags]))
     assert not out.exists()
+    with pytest.raises(UserError, match="--unet /no/such/unet does not exist"):
+        main(parse_args(["compare", "--unet", "/no/such/unet", "--output", str(tmp_path / "c.png")]))
     main(parse_args(["panels", "--base", str(SHIPPED), "--unet", f"same={SHIPPED / 'unet'}", *flags]))
     from PIL import Image
 

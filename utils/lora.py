@@ -249,6 +249,7 @@ def check_lora_fits(path: str | os.PathLike, unet: torch.nn.Module) -> None:
 def apply_loras(pipe, loras: Sequence[tuple[str, float]]) -> list[str]:
     """Load each (path, scale) into `pipe` as adapter lora0, lora1, ... and activate them all with their scales."""
     from diffusers.utils import USE_PEFT_BACKEND
+    from diffusers.utils import logging as diffusers_logging
 
     if loras and not USE_PEFT_BACKEND:
         raise UserError("loading LoRAs needs peft: pip install -r requirements.txt")
@@ -256,12 +257,16 @@ def apply_loras(pipe, loras: Sequence[tuple[str, float]]) -> list[str]:
     for i, (path, _) in enumerate(loras):
         check_lora_fits(path, pipe.unet)
         p = Path(path)
+        old = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its logger.error would repeat ours at length
         try:
             with warnings.catch_warnings():  # peft warns that a second adapter makes several: that is the point
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 pipe.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name=f"lora{i}")
         except (ValueError, RuntimeError, OSError, KeyError) as e:
             raise UserError(f"could not load LoRA {path}: {' '.join(str(e).split())[:300]}") from None
+        finally:
+            diffusers_logging.set_verbosity(old)
         names.append(f"lora{i}")
     if names:
         pipe.set_adapters(names, adapter_weights=[float(s) for _, s in loras])

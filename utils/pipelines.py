@@ -332,6 +332,26 @@ def merge_metadata(image_dir: str | os.PathLike) -> int:
     return len(df)
 
 
+def check_prompts(image_dir: Path, jobs: Iterable[Job], overwrite: bool) -> None:
+    """Refuse images in the folder whose metadata row has another prompt or seed than this run's job for that file
+    (the prompt file was edited); --overwrite redoes them."""
+    if overwrite:
+        return
+    rows: dict[str, tuple[str, str]] = {}
+    for df in map(_read_metadata, _sources(image_dir)):
+        if df is not None and {"prompt", "seed"} <= set(df.columns):
+            rows.update(zip(df["file"], zip(df["prompt"].map(_words), df["seed"])))
+    bad = [j.file for j in jobs if j.file in rows and rows[j.file] != (_words(j.prompt.text), str(j.seed))
+           and (image_dir / j.file).is_file()]
+    if bad:
+        raise UserError(f"{image_dir / bad[0]} (and {len(bad) - 1} more) was drawn from another prompt or seed than "
+                        f"the prompt file now gives it; use another --image_dir, or --overwrite to redo them")
+
+
+def _words(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def check_settings(image_dir: Path, settings: dict[str, Any], overwrite: bool, planned: Iterable[str] = ()) -> list[str]:
     """Refuse to mix images of other settings (args.json) into a folder: without overwrite at all, with it when images
     that this run does not redo (not in `planned`) would stay; the settings that differ."""

@@ -72,7 +72,11 @@ def weights_digest(path: str | os.PathLike | None) -> str | None:
     for f in files:
         h.update(f.relative_to(root).as_posix().encode() if f != root else b"")
         with open(f, "rb") as fh:
-            h.update(hashlib.file_digest(fh, "sha256").digest())
+            if f.suffix == ".safetensors":  # the tensors only: a rewrite with its metadata in another order is equal
+                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+                header.pop("__metadata__", None)
+                h.update(json.dumps(header, sort_keys=True).encode())
+            h.update(hashlib.file_digest(fh, "sha256").digest())  # the rest of the file (all of it for other kinds)
     return h.hexdigest()
 
 

@@ -92,6 +92,8 @@ def erased_colours(unet_path: str | Path) -> list[str]:
     from utils.toy.language import parse_prompt
 
     path = Path(unet_path)
+    if not path.exists():
+        raise UserError(f"--unet {unet_path} does not exist")
     file = path if path.is_file() else run_folder(path) / "erasure.safetensors"
     if not file.is_file():
         raise UserError(f"no erasure file beside {unet_path} to read the erased concepts from: pass --concepts")
@@ -182,6 +184,8 @@ def main_panels(args: argparse.Namespace) -> Path:
     models = [("base model", None)]
     for spec in args.unet:
         label, sep, path = spec.rpartition("=")
+        if not Path(path).exists():
+            raise UserError(f"--unet {spec}: {path} does not exist")
         models.append((label if sep else path, path))
     pipes = [(title, M.load_pipeline(args.base, unet, args.device)) for title, unet in models]  # all checked first
     n = args.n_per_prompt
