@@ -35,7 +35,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     "SDD (red+blue)": ("sdd", {"finetuning_method": "xattn", "ema_decay": 0.995, "num_train_steps": 300,
                                "removing_concepts": list(MULTI)}),
 }
-# the concept-inversion attack on every fine-tuned row (docs/attack.md's toy settings)
+# the concept-inversion attack on every fine-tuned row (docs/attack.md's toy settings, but attack.py's own sampling
+# defaults, guidance 7.5 and 25 steps: the published table was drawn so)
 ATTACK = {"target_prompt": "prompts/attack_toy.txt", "prompts": "prompts/attack_toy.txt", "num_target_images": 24,
           "num_images_per_prompt": 16, "num_vectors": 4, "num_train_steps": 500, "learning_rate": 5e-3}
 # --quick: these rows, QUICK_N images per prompt, training and attack steps x QUICK_STEPS (EMA horizon scaled alike)
