@@ -16,7 +16,7 @@ import evaluate
 import generate
 from docs_util import GEN_EVAL_PAGES, ROOT, doc_commands
 from eval_util import make_tiny_clip
-from utils.eval.fid import InceptionFID
+from utils.eval.inception import InceptionFID
 from utils.saving import save_erasure
 from utils.tiny import tiny_unet
 

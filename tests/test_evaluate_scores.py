@@ -116,7 +116,7 @@ class Refuses(torch.nn.Module):
 
 def test_fid_inception_weights(tmp_path, monkeypatch):
     pytest.importorskip("torchmetrics")
-    from utils.eval.fid import InceptionFID, load_inception
+    from utils.eval.inception import InceptionFID, load_inception
 
     torch.manual_seed(0)
     state = {k: v.half() if v.is_floating_point() else v for k, v in InceptionFID().state_dict().items()}
