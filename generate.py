@@ -248,10 +248,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                                  ("textual_inversion", args.textual_inversion),
                                                  *((f"lora{i}", p) for i, (p, _) in enumerate(loras)))}
     settings["weights_sha256"] = {k: v for k, v in digests.items() if v}  # weights retrained in place differ here
-    jobs = make_jobs(prompts[args.start:end], args.num_images_per_prompt, args.seed, args.guidance_scale)
+    jobs = make_jobs(prompts[args.start:end], args.num_images_per_prompt, args.seed, args.guidance_scale,
+                     file_guidance=args.guidance_source == "file")
     planned = {job.file for job in jobs}
-    check_prompts(image_dir, jobs, args.overwrite)
-    if check_settings(image_dir, settings, args.overwrite, planned) and state.is_main_process:
+    changed = check_settings(image_dir, settings, args.overwrite, planned)  # names the flags that differ
+    check_prompts(image_dir, jobs, args.overwrite)  # then rows of an edited prompt file
+    if changed and state.is_main_process:
         # the old images this run redoes go first: a stopped --overwrite run, resumed without it, redoes the rest
         for name in planned:
             (image_dir / name).unlink(missing_ok=True)

@@ -138,10 +138,13 @@ def test_an_edited_prompt_file_is_not_taken_for_the_images_there(tiny_pipeline, 
     shutil.copy(prompt_csv, prompts)
     generate(tiny_pipeline, prompts, out, "--end", "2")
     prompts.write_text(prompt_csv.read_text().replace("red circle", "blue circle"), encoding="utf-8")
-    with pytest.raises(UserError, match=r"00001_0.png \(and 0 more\) was drawn from another prompt or seed"):
+    with pytest.raises(UserError, match=r"00001_0.png \(and 0 more\) was drawn from another prompt, seed or guidance"):
         generate(tiny_pipeline, prompts, out, "--end", "2")
     assert generate(tiny_pipeline, prompts, out, "--end", "2", "--overwrite")["written"] == 2
     assert list(metadata(out)["prompt"]) == ["a photo of a cat", "blue circle"]
+    prompts.write_text(prompts.read_text().replace("blue circle,,5", "blue circle,,9"), encoding="utf-8")
+    with pytest.raises(UserError, match=r"00001_0.png .* another prompt, seed or guidance"):  # the row's guidance
+        generate(tiny_pipeline, prompts, out, "--end", "2")
 
 
 def test_a_stopped_overwrite_resumes_without_old_images(tiny_pipeline, prompt_csv, reference, tmp_path, monkeypatch):

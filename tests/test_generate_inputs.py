@@ -65,6 +65,13 @@ def test_weights_changed_in_place_are_other_settings(tiny_pipeline, prompt_csv, 
     digest, weights = weights_digest(unet), unet / "diffusion_pytorch_model.safetensors"
     save_file(load_file(weights), weights, metadata={"format": "pt", "note": "saved again"})  # same tensors
     assert weights_digest(unet) == digest
+    run = tmp_path / "run"  # a training run's folder given as --unet_path: only its unet/ counts
+    shutil.copytree(unet, run / "unet")
+    before = weights_digest(run)
+    (run / "checkpoint-1").mkdir()
+    (run / "checkpoint-1" / "state.pt").write_bytes(b"x")
+    (run / "erasure-lora-r4.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")  # not weights
+    assert weights_digest(run) == before and weights_digest(run / "erasure-lora-r4.safetensors")  # no crash
     shutil.copy(tiny_pipeline / "unet" / "diffusion_pytorch_model.safetensors", unet)  # "retrained"
     with pytest.raises(UserError, match="other settings .*weights_sha256"):
         generate(tiny_pipeline, prompt_csv, out, "--end", "1", "--unet_path", str(unet))

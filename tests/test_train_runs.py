@@ -54,16 +54,30 @@ def test_refuses_to_overwrite_a_finished_run(tiny_pipeline, tmp_path):
                            "--validation_steps", "1"))
     with pytest.raises(UserError, match="finished run"):
         train_sdd.main(sd_args(tiny_pipeline, tmp_path / "o"))
-    # --overwrite_output_dir replaces the whole run: none of the old checkpoints or grids stay to be mixed with ours
+    # --overwrite_output_dir replaces the whole run: none of the old checkpoints or grids stay to be mixed with ours,
+    # also with --resume_from_checkpoint latest (the run scripts pass it); what the run did not write stays
+    mine = [tmp_path / "o" / n for n in ("checkpoint-notes.txt", "erasure_backup.safetensors", "checkpoint-3-keep")]
+    for p in mine:
+        p.write_text("mine")
     train_sdd.main(sd_args(tiny_pipeline, tmp_path / "o", "--overwrite_output_dir", "--checkpointing_steps", "2",
-                           "--learning_rate", "1e-4"))
-    assert sorted(p.name for p in (tmp_path / "o").glob("checkpoint-*")) == ["checkpoint-2"]
+                           "--learning_rate", "1e-4", "--resume_from_checkpoint", "latest"))
+    assert all(p.read_text() == "mine" for p in mine)
+    assert sorted(p.name for p in (tmp_path / "o").glob("checkpoint-[0-9]")) == ["checkpoint-2"]
     assert '"learning_rate": 0.0001' in (tmp_path / "o" / "checkpoint-2" / "run.json").read_text()
     assert not (tmp_path / "o" / "validation").exists() and (tmp_path / "o" / "unet").is_dir()
     umask = os.umask(0)
     os.umask(umask)
     for folder in ("unet", "checkpoint-2"):  # written through a temp folder, yet as mkdir would make them
         assert (tmp_path / "o" / folder).stat().st_mode & 0o777 == 0o777 & ~umask
+    from utils.saving import atomic_dir
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)  # a group folder: what is made in it keeps the group bit
+    with atomic_dir(shared / "x"):
+        pass
+    (shared / "y").mkdir()
+    assert (shared / "x").stat().st_mode & 0o7777 == (shared / "y").stat().st_mode & 0o7777
 
 
 def test_resume_names_a_checkpoint_in_the_output_dir_and_not_one_past_the_end(tiny_pipeline, tmp_path):

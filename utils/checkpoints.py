@@ -97,6 +97,8 @@ def resolve_resume(args: argparse.Namespace) -> Path | None:
     if not args.resume_from_checkpoint:
         return None
     if args.resume_from_checkpoint == "latest":
+        if getattr(args, "overwrite_output_dir", False):
+            return None  # the run scripts always pass latest: overwriting means starting afresh
         found = list_checkpoints(Path(args.output_dir))
         return found[-1] if found else None
     path = Path(args.resume_from_checkpoint)
@@ -180,10 +182,12 @@ def write_checkpoint(final: Path, blob: dict, identity: dict) -> None:
 
 def clear_run(out: Path) -> None:
     """Remove a run's checkpoints, result and validation grids from `out` (for --overwrite_output_dir)."""
-    for p in [*out.glob("checkpoint-*"), out / "unet", out / "validation", *out.glob("erasure*.safetensors")]:
-        if p.is_dir():
+    ours = [*list_checkpoints(out), out / "unet", out / "validation", out / "erasure.safetensors",
+            *out.glob("erasure-lora-*.safetensors")]  # what a run writes, and nothing else
+    for p in ours:
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
-        elif p.exists():
+        elif p.exists() or p.is_symlink():
             p.unlink()
 
 

@@ -337,19 +337,27 @@ def check_prompts(image_dir: Path, jobs: Iterable[Job], overwrite: bool) -> None
     (the prompt file was edited); --overwrite redoes them."""
     if overwrite:
         return
-    rows: dict[str, tuple[str, str]] = {}
+    rows: dict[str, tuple[str, str, str]] = {}
     for df in map(_read_metadata, _sources(image_dir)):
-        if df is not None and {"prompt", "seed"} <= set(df.columns):
-            rows.update(zip(df["file"], zip(df["prompt"].map(_words), df["seed"])))
-    bad = [j.file for j in jobs if j.file in rows and rows[j.file] != (_words(j.prompt.text), str(j.seed))
-           and (image_dir / j.file).is_file()]
+        if df is not None and {"prompt", "seed", "guidance"} <= set(df.columns):
+            rows.update(zip(df["file"], zip(df["prompt"].map(_words), df["seed"], df["guidance"].map(_number))))
+    bad = [j.file for j in jobs if j.file in rows and (image_dir / j.file).is_file()
+           and rows[j.file] != (_words(j.prompt.text), str(j.seed), _number(j.guidance))]
     if bad:
-        raise UserError(f"{image_dir / bad[0]} (and {len(bad) - 1} more) was drawn from another prompt or seed than "
-                        f"the prompt file now gives it; use another --image_dir, or --overwrite to redo them")
+        raise UserError(f"{image_dir / bad[0]} (and {len(bad) - 1} more) was drawn from another prompt, seed or "
+                        f"guidance than the prompt file now gives it; use another --image_dir, or --overwrite to "
+                        f"redo them")
 
 
 def _words(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def _number(value) -> str:
+    try:
+        return repr(float(value))
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def check_settings(image_dir: Path, settings: dict[str, Any], overwrite: bool, planned: Iterable[str] = ()) -> list[str]:

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,8 @@ from safetensors.torch import save_file
 from utils.cli import UserError
 
 ERASURE_FORMAT = "sdd-erasure-v1"
+_UMASK = os.umask(0)  # read once, at import: setting it to read it is not thread-safe
+os.umask(_UMASK)
 
 
 @contextmanager
@@ -25,9 +28,8 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would stay after the rename: a folder as mkdir makes it
+    # mkdtemp's 0700 would stay after the rename: the mode mkdir gives (the umask's, a setgid parent's group bit)
+    tmp.chmod((0o777 & ~_UMASK) | (tmp.stat().st_mode & stat.S_ISGID))
     try:
         yield tmp
         if final.exists():
@@ -59,26 +61,44 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
 
 
 def weights_digest(path: str | os.PathLike | None) -> str | None:
-    """SHA-256 of a local weights file, or of the weight and config files under a folder (names and bytes); None for a
-    hub id or None. Images record it, so weights retrained in place are not taken for the ones that made them."""
+    """SHA-256 of the weights a loader reads from `path` (a file; a checkpoint's state.pt; else the weight and config
+    files of the folder, or of its unet/): None for a hub id or None. Images record it, so weights retrained in
+    place are not taken for the ones that made them."""
     if not path:
         return None
     root = Path(path).expanduser()
-    files = [root] if root.is_file() else sorted(
-        p for p in root.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES and not p.name.startswith("."))
-    if not files:
+    if root.is_file():
+        files = [root]
+    elif (root / "state.pt").is_file():
+        files = [root / "state.pt"]
+    elif root.is_dir():
+        folder = root / "unet" if (root / "unet" / "config.json").is_file() else root  # a training run's folder
+        files = sorted(p for p in folder.iterdir()
+                       if p.is_file() and p.suffix in WEIGHT_SUFFIXES and not p.name.startswith("."))
+    else:
         return None
     h = hashlib.sha256()
     for f in files:
-        h.update(f.relative_to(root).as_posix().encode() if f != root else b"")
+        h.update(f.name.encode())
         with open(f, "rb") as fh:
-            if f.suffix == ".safetensors":  # the tensors only: a rewrite with its metadata in another order is equal
-                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-                header.pop("__metadata__", None)
-                h.update(json.dumps(header, sort_keys=True).encode())
+            h.update(_safetensors_header(fh) if f.suffix == ".safetensors" else b"")
             h.update(hashlib.file_digest(fh, "sha256").digest())  # the rest of the file (all of it for other kinds)
     return h.hexdigest()
 
+
+def _safetensors_header(fh) -> bytes:
+    """The tensors' part of a safetensors header (dtypes, shapes, offsets; not its metadata, so a rewrite with the
+    metadata in another order hashes the same), leaving `fh` at the data; b"" and `fh` at 0 if it is no such file."""
+    try:
+        n = int.from_bytes(fh.read(8), "little")
+        if n > 100_000_000:  # the format's own limit: not a safetensors file (say, a git-lfs pointer)
+            raise ValueError(n)
+        header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        return json.dumps(header, sort_keys=True).encode()
+    except (ValueError, AttributeError):
+        fh.seek(0)
+        return b""
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a UTF-8 text file through a temp name and a rename."""
