@@ -169,6 +169,7 @@ def parse_check(key: str, argv: list[str], tiny_pipeline: Path, monkeypatch) -> 
             Requirement(spec)
     elif key == "pytest":
         assert importlib.util.find_spec("pytest") and (ROOT / "pytest.ini").is_file()
+        assert "-n" not in argv or importlib.util.find_spec("xdist"), "-n needs pytest-xdist (requirements-dev.txt)"
     elif key == "python -c":
         compile(argv[0], "<python -c>", "exec")
     elif key.endswith(".sh"):
