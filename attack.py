@@ -161,7 +161,7 @@ def _generate(args, prompt_file: Path, image_dir: Path, seed: int, n: int, unet_
                         ("--textual_inversion", embedding), ("--height", size), ("--width", size)):
         argv += [flag, str(value)] if value is not None else []
     with log_kept():
-        generate.main(generate.parse_args(argv + (["--overwrite"] if args.overwrite_output_dir else [])))
+        generate.main(generate.parse_args(argv))
 
 
 def _drop_if_replanned(folder: Path, prompt_file: Path, text: str, args: argparse.Namespace) -> None:
@@ -184,9 +184,6 @@ def _invert(args, c: dict, target_dir: Path, out: Path) -> Path:
     if embedding.exists() and not args.overwrite_output_dir:
         logging.getLogger("sdd").info("using the learned embedding already in %s", embedding)
         return embedding
-    if args.overwrite_output_dir:
-        for old in list_checkpoints(out):
-            shutil.rmtree(old, ignore_errors=True)
     inv = prepare(c.pop("parts"), c["init_ids"], c["tokens"], c["new_ids"], c["device"], DTYPES[args.mixed_precision],
                   args.gradient_checkpointing)
     targets = load_targets(target_dir, c["resolution"], args.concept, " ".join(c["tokens"]), c["templates"])
@@ -204,9 +201,10 @@ def main(args: argparse.Namespace) -> dict:
     """Targets, pre-attack images, inversion, post-attack images, scores; returns the summary."""
     c = _check(args)
     out, t0, seconds = Path(args.output_dir), time.time(), {}
-    if args.overwrite_output_dir:  # the old run's images go, or they would be scored with ours
-        for name in ("pre_attack", "post_attack", *(() if args.target_dir else ("targets",))):
-            shutil.rmtree(out / name, ignore_errors=True)
+    if args.overwrite_output_dir:  # the old run's images and checkpoints go, or they would be mixed with ours
+        folders = [out / "pre_attack", out / "post_attack", *([] if args.target_dir else [out / "targets"])]
+        for old in folders + list_checkpoints(out):
+            shutil.rmtree(old, ignore_errors=True)
     log = setup_logging(out, LOG)  # from here on we write
     atomic_write_text(out / "args.json", json.dumps(vars(args), indent=2, default=str))
     log.info("args %s", json.dumps(vars(args), default=str))

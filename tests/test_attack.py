@@ -250,3 +250,13 @@ def test_generate_refuses_a_bad_embedding_file(tiny_pipeline, tmp_path):
         generate.main(generate.parse_args(base + ["--textual_inversion", str(tmp_path / "bad.safetensors"),
                                                   "--pipeline_type", "sld"]))
     assert not (tmp_path / "img").exists()
+
+
+def test_overwrite_output_dir_redoes_the_attack_with_none_of_the_old_outputs(attacked, tiny_pipeline, tmp_path):
+    out, summary = attacked
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    again = main(parse_args(attack_args(tiny_pipeline, copy, "--unet_path", summary["unet_path"], "--overwrite_output_dir",
+                                        "--num_images_per_prompt", "1", "--num_train_steps", "2")))
+    assert again["pre_attack"]["images"] == again["post_attack"]["images"] == 2  # 2 prompts x 1, none of the old 4
+    assert sorted(p.name for p in copy.glob("checkpoint-*")) == ["checkpoint-2"]  # the old run's checkpoint-4 went

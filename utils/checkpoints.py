@@ -50,8 +50,7 @@ class TrainState:
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """checkpoint-N folders holding a state.pt, oldest first."""
-    found = [p for p in output_dir.glob("checkpoint-*")
-             if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "state.pt").exists()]
+    found = [p for p in output_dir.glob("checkpoint-*") if checkpoint_step(p) is not None and (p / "state.pt").exists()]
     return sorted(found, key=checkpoint_step)
 
 

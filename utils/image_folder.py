@@ -117,10 +117,14 @@ def _sources(image_dir: Path) -> list[Path]:
     return [p for p in [image_dir / METADATA, *parts] if p.is_file()]
 
 
+def _frames(image_dir: Path) -> list[pd.DataFrame]:
+    """metadata.csv and the shard files that can be read, in _sources' order."""
+    return [df for df in map(_read_metadata, _sources(image_dir)) if df is not None]
+
+
 def known_files(image_dir: Path) -> set[str]:
     """Files that already have a metadata row in metadata.csv or any shard file."""
-    frames = [_read_metadata(p) for p in _sources(image_dir)]
-    return {f for df in frames if df is not None for f in df["file"]}
+    return {f for df in _frames(image_dir) for f in df["file"]}
 
 
 @contextmanager
@@ -149,7 +153,7 @@ def merge_metadata(image_dir: str | os.PathLike) -> int:
     wins), in prompt order; written only when it changes. Returns the number of rows."""
     image_dir = Path(image_dir)
     with _locked(image_dir / ".metadata.lock"):
-        frames = [df for df in map(_read_metadata, _sources(image_dir)) if df is not None]
+        frames = _frames(image_dir)
         if not frames:
             return 0
         df = pd.concat(frames, ignore_index=True).fillna("").drop_duplicates("file", keep="last")
@@ -163,13 +167,13 @@ def merge_metadata(image_dir: str | os.PathLike) -> int:
 
 
 def check_prompts(image_dir: Path, jobs: Iterable[Job], overwrite: bool) -> None:
-    """Refuse images in the folder whose metadata row has another prompt or seed than this run's job for that file
-    (the prompt file was edited); --overwrite redoes them."""
+    """Refuse images in the folder whose metadata row has another prompt, seed or guidance than this run's job for
+    that file (the prompt file was edited); --overwrite redoes them."""
     if overwrite:
         return
     rows: dict[str, tuple[str, str, str]] = {}
-    for df in map(_read_metadata, _sources(image_dir)):
-        if df is not None and {"prompt", "seed", "guidance"} <= set(df.columns):
+    for df in _frames(image_dir):
+        if {"prompt", "seed", "guidance"} <= set(df.columns):
             rows.update(zip(df["file"], zip(df["prompt"].map(_words), df["seed"], df["guidance"].map(_number))))
     bad = [j.file for j in jobs if j.file in rows and (image_dir / j.file).is_file()
            and rows[j.file] != (_words(j.prompt.text), str(j.seed), _number(j.guidance))]
@@ -200,12 +204,15 @@ def check_settings(image_dir: Path, settings: dict[str, Any], overwrite: bool, p
         old = {}
     diff = [f"{k}: {old[k]!r} there, {v!r} now" for k, v in settings.items()
             if k in old and not same_flag_value(old[k], v)]
-    if diff and not known_files(image_dir) and not any(image_dir.glob("*.png")):
+    if not diff:
+        return []
+    known = known_files(image_dir)
+    if not known and not any(image_dir.glob("*.png")):
         return []  # nothing made with the old settings (a run that failed before its first image)
-    if diff and not overwrite:
+    if not overwrite:
         raise UserError(f"{image_dir} holds images made with other settings ({'; '.join(diff)}); "
                         f"use another --image_dir, or --overwrite to redo them")
-    stale = sorted(known_files(image_dir) - set(planned)) if diff else []
+    stale = sorted(known - set(planned))
     if stale:
         raise UserError(f"{image_dir} holds {len(stale)} images made with other settings ({diff[0]}) that this run "
                         f"would not redo (first: {stale[0]}); remove them or use another --image_dir")

@@ -100,6 +100,7 @@ def _safetensors_header(fh) -> bytes:
         fh.seek(0)
         return b""
 
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a UTF-8 text file through a temp name and a rename."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
