@@ -205,6 +205,7 @@ def main(args: argparse.Namespace) -> dict:
         folders = [out / "pre_attack", out / "post_attack", *([] if args.target_dir else [out / "targets"])]
         for old in folders + list_checkpoints(out):
             shutil.rmtree(old, ignore_errors=True)
+        (out / EMBEDDING_FILE).unlink(missing_ok=True)  # a stopped run, resumed without the flag, must not reuse it
     log = setup_logging(out, LOG)  # from here on we write
     atomic_write_text(out / "args.json", json.dumps(vars(args), indent=2, default=str))
     log.info("args %s", json.dumps(vars(args), default=str))

@@ -260,3 +260,19 @@ def test_overwrite_output_dir_redoes_the_attack_with_none_of_the_old_outputs(att
                                         "--num_images_per_prompt", "1", "--num_train_steps", "2")))
     assert again["pre_attack"]["images"] == again["post_attack"]["images"] == 2  # 2 prompts x 1, none of the old 4
     assert sorted(p.name for p in copy.glob("checkpoint-*")) == ["checkpoint-2"]  # the old run's checkpoint-4 went
+
+
+def test_an_overwrite_stopped_before_training_leaves_no_old_embedding(attacked, tiny_pipeline, tmp_path, monkeypatch):
+    import attack
+
+    out, summary = attacked
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt  # stopped after the old outputs went, before the embedding was trained
+
+    monkeypatch.setattr(attack, "_invert", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        main(parse_args(attack_args(tiny_pipeline, copy, "--unet_path", summary["unet_path"], "--overwrite_output_dir")))
+    assert not (copy / "learned_embeds.safetensors").exists()  # a resume without the flag trains a new one
