@@ -211,15 +211,82 @@ def test_few_steps_of_training_give_a_seeded_loadable_pipeline(tmp_path):
     assert np.abs(np.asarray(a[0], dtype=int) - np.asarray(a[2], dtype=int)).max() <= 1
     assert np.abs(np.asarray(a[0], dtype=int) - np.asarray(b[0], dtype=int)).max() <= 1
 
-    with pytest.raises(SystemExit):  # epsilon is undefined at zero terminal SNR
-        parse_args(["train", "--zero_snr"])
+    for bad in (["--zero_snr"], ["--unet_ema_decay", "1"], ["--vae_rgb_weight", "-1"]):  # epsilon: undefined at 0 SNR
+        with pytest.raises(SystemExit):
+            parse_args(["train", *bad])
     vpred = tmp_path / "vpred"
-    main(parse_args(["train", "--output_dir", str(vpred), *flags, "--prediction_type", "v_prediction", "--zero_snr"]))
+    main(parse_args(["train", "--output_dir", str(vpred), *flags, "--prediction_type", "v_prediction", "--zero_snr",
+                     "--vae_rgb_weight", "1", "--unet_ema_decay", "0.5"]))  # the variants' flags reach the trainer
     config = DDIMScheduler.load_config(vpred / "scheduler")
     assert config["prediction_type"] == "v_prediction" and config["rescale_betas_zero_snr"]
     assert config["timestep_spacing"] == "trailing"
     assert not torch.equal(load_file(vpred / "unet" / "diffusion_pytorch_model.safetensors")["conv_out.bias"],
                            w1["conv_out.bias"])  # same seed and data, another target
+
+
+def test_vae_rgb_weight_ties_the_first_latent_channels_to_the_colours(tmp_path, one_thread):
+    import argparse
+    import logging
+
+    import torch.nn.functional as F
+
+    from utils.toy.render import make_dataset
+    from utils.toy.train import _to_unit, build_models, encode_moments, make_tokenizer, train_vae
+
+    images, _ = make_dataset(36, 0)
+    x = _to_unit(images)
+    tie = {}
+    for weight in (0.0, 1.0):
+        _, vae, _ = build_models(make_tokenizer(tmp_path / "tok"), 0)
+        args = argparse.Namespace(vae_batch_size=8, vae_lr=1e-3, vae_steps=15, vae_kl_weight=1e-6,
+                                  vae_rgb_weight=weight, seed=0, quiet=True, checkpoint_every=1000)
+        train_vae(vae, images, args, tmp_path / f"w{weight}", logging.getLogger("test"))
+        means, _ = encode_moments(vae, images)
+        tie[weight] = F.mse_loss(means[:, :3], F.avg_pool2d(x, 2)).item()
+    # without the tie the channels are whatever reconstruction found; with it they follow the colours
+    assert tie[1.0] < 0.2 * tie[0.0], tie
+
+
+def test_toy_training_ema_is_the_warm_up_average_of_the_weights_and_survives_a_resume(tmp_path):
+    import argparse
+    import logging
+
+    from utils.toy.train import _resumable_loop
+
+    def run(ckpt_dir, decay, stop_at=None):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(3, 2)
+        seen = []
+
+        def loss_fn(gen):
+            if stop_at is not None and len(seen) == stop_at:
+                raise KeyboardInterrupt  # a stop after the checkpoint of step 3
+            seen.append([p.detach().clone() for p in lin.parameters()])
+            x = torch.randn(4, 3, generator=gen)
+            return lin(x).pow(2).mean(), {}
+
+        args = argparse.Namespace(quiet=True, checkpoint_every=3)
+        _resumable_loop("m", {"m": lin}, list(lin.parameters()), 0.1, 0.0, 6, 0, loss_fn, args, ckpt_dir,
+                        logging.getLogger("test"), ema_decay=decay)
+        return [p.detach() for p in lin.parameters()], seen
+
+    final, seen = run(tmp_path / "ema", 0.9)
+    last = list(torch.load(tmp_path / "ema" / "m.pt", weights_only=False)["m"].values())  # the raw weights
+    expected = [t.clone() for t in seen[0]]
+    for s, weights in enumerate(seen[1:] + [last]):
+        w = 1 - min(0.9, (s + 1) / (s + 10))
+        expected = [e + w * (x - e) for e, x in zip(expected, weights)]
+    assert all(torch.allclose(f, e, atol=1e-6) for f, e in zip(final, expected))
+    assert not all(torch.allclose(f, x) for f, x in zip(final, last))  # the average, not the last weights
+    plain, _ = run(tmp_path / "plain", 0.0)
+    assert all(torch.equal(f, x) for f, x in zip(plain, last))  # without a decay: the last weights, as before
+    from utils.cli import UserError
+    with pytest.raises(UserError, match="without a weight average"):
+        run(tmp_path / "plain", 0.9)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "stopped", 0.9, stop_at=4)
+    resumed, _ = run(tmp_path / "stopped", 0.9)
+    assert all(torch.equal(r, f) for r, f in zip(resumed, final))
 
 
 @pytest.mark.skipif(not (SHIPPED / "model_index.json").exists(), reason="assets/toy-sd not trained yet")

@@ -234,9 +234,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae_batch_size", type=int, default=32, help="VAE batch size")
     p.add_argument("--vae_lr", type=float, default=1e-3, help="VAE peak learning rate (AdamW, warm-up + cosine)")
     p.add_argument("--vae_kl_weight", type=float, default=1e-6, help="weight of the VAE's KL term")
+    p.add_argument("--vae_rgb_weight", type=float, default=0.0,
+                   help="weight of a loss tying latent channels 0-2 to the block-averaged RGB (even colour geometry)")
     p.add_argument("--unet_steps", type=int, default=4500, help="U-Net + text encoder training steps")
     p.add_argument("--unet_batch_size", type=int, default=64, help="U-Net batch size")
     p.add_argument("--unet_lr", type=float, default=1e-3, help="U-Net + text encoder peak learning rate")
+    p.add_argument("--unet_ema_decay", type=float, default=0.0,
+                   help="save the exponential moving average of the U-Net and text encoder weights (0: the last ones)")
     p.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon",
                    help="what the U-Net predicts (SD 1.x: epsilon; SD 2.x: v_prediction)")
     p.add_argument("--zero_snr", action="store_true",
@@ -294,6 +298,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name} must be positive")
     if getattr(args, "zero_snr", False) and args.prediction_type != "v_prediction":
         parser.error("--zero_snr needs --prediction_type v_prediction (epsilon is undefined at zero SNR)")
+    if not 0 <= getattr(args, "unet_ema_decay", 0) < 1:
+        parser.error("--unet_ema_decay must be in [0, 1) (0: no average)")
+    if getattr(args, "vae_rgb_weight", 0) < 0:
+        parser.error("--vae_rgb_weight must not be negative")
     return args
 
 

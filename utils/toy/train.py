@@ -68,7 +68,7 @@ def make_scheduler(prediction_type: str = "epsilon", zero_snr: bool = False):
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=0 if zero_snr else 1,
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                          prediction_type=prediction_type, rescale_betas_zero_snr=zero_snr,
                          timestep_spacing="trailing" if zero_snr else "leading")
 
@@ -88,18 +88,25 @@ def _to_unit(images: np.ndarray) -> torch.Tensor:
 
 def _resumable_loop(name: str, modules: dict[str, torch.nn.Module], params: list, lr: float, weight_decay: float,
                     steps: int, seed: int, loss_fn: Callable[[torch.Generator], tuple[torch.Tensor, dict]],
-                    args: argparse.Namespace, ckpt_dir: Path, log: logging.Logger) -> None:
-    """AdamW with warm-up + cosine, gradient clipping, a tqdm bar and checkpoints at ckpt_dir/{name}.pt (resumed)."""
+                    args: argparse.Namespace, ckpt_dir: Path, log: logging.Logger, ema_decay: float = 0.0) -> None:
+    """AdamW with warm-up + cosine, gradient clipping, a tqdm bar and checkpoints at ckpt_dir/{name}.pt (resumed);
+    with ema_decay > 0 the modules end with the exponential moving average of their weights (as SD's release)."""
     ckpt = ckpt_dir / f"{name}.pt"
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_at(s, steps, min(200, steps // 10 + 1)))
     gen = torch.Generator().manual_seed(seed)
+    ema = [p.detach().clone() for p in params] if ema_decay else []
     start = 0
     if ckpt.exists():
         st = torch.load(ckpt, weights_only=False)
         for k, m in modules.items():
             m.load_state_dict(st[k])
         opt.load_state_dict(st["opt"]), sched.load_state_dict(st["sched"]), gen.set_state(st["gen"])
+        if ema and "ema" not in st:
+            raise UserError(f"{ckpt} was written without a weight average; resume it without --unet_ema_decay, "
+                            "or delete it to start again")
+        if ema:
+            ema = st["ema"]
         start = st["step"]
         log.info("%s: resumed from %s at step %d", name, ckpt, start)
     for m in modules.values():
@@ -112,6 +119,11 @@ def _resumable_loop(name: str, modules: dict[str, torch.nn.Module], params: list
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if ema:
+            weight = 1 - min(ema_decay, (step + 1) / (step + 10))  # the usual warm-up: short at first
+            with torch.no_grad():
+                for e, p in zip(ema, params):
+                    e.lerp_(p, weight)
         bar.set_postfix(loss=f"{loss.item():.4f}", **{k: f"{v:.4f}" for k, v in extra.items()})
         if (step + 1) % 50 == 0 or step + 1 == steps:
             log.info("%s step %d/%d loss %.5f %s lr %.2e", name, step + 1, steps, loss.item(),
@@ -119,13 +131,19 @@ def _resumable_loop(name: str, modules: dict[str, torch.nn.Module], params: list
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == steps:
             state = {k: m.state_dict() for k, m in modules.items()}
             state.update(opt=opt.state_dict(), sched=sched.state_dict(), gen=gen.get_state(), step=step + 1)
+            if ema:
+                state["ema"] = ema
             atomic_write(ckpt, lambda tmp: torch.save(state, tmp))
+    if ema:
+        with torch.no_grad():
+            for p, e in zip(params, ema):
+                p.copy_(e)
     for m in modules.values():
         m.eval()
 
 
 def train_vae(vae, images: np.ndarray, args: argparse.Namespace, ckpt_dir: Path, log: logging.Logger) -> None:
-    """Train the VAE on the images: MSE + a small KL term."""
+    """Train the VAE on the images: MSE + a small KL term (+ optionally latent channels 0-2 tied to pooled RGB)."""
     x_all = _to_unit(images)
 
     def loss_fn(gen: torch.Generator):
@@ -133,7 +151,14 @@ def train_vae(vae, images: np.ndarray, args: argparse.Namespace, ckpt_dir: Path,
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.mean + post.std * torch.randn(post.mean.shape, generator=gen)).sample
         mse = torch.nn.functional.mse_loss(rec, x)
-        return mse + args.vae_kl_weight * post.kl().mean(), {"mse": mse.item()}
+        loss, extra = mse, {"mse": mse.item()}
+        if args.vae_rgb_weight:
+            # SD's latents are close to a linear map of the colours; tying the first three channels to the
+            # block-averaged RGB keeps the colours' distances in the latent as they are in the pixels
+            rgb = torch.nn.functional.avg_pool2d(x, x.shape[-1] // post.mean.shape[-1])
+            tie = torch.nn.functional.mse_loss(post.mean[:, :3], rgb)
+            loss, extra["rgb"] = loss + args.vae_rgb_weight * tie, tie.item()
+        return loss + args.vae_kl_weight * post.kl().mean(), extra
 
     _resumable_loop("vae", {"vae": vae}, list(vae.parameters()), args.vae_lr, 0.0, args.vae_steps, args.seed + 1,
                     loss_fn, args, ckpt_dir, log)
@@ -188,7 +213,7 @@ def train_unet(text_encoder, unet, tokenizer, means: torch.Tensor, stds: torch.T
 
     _resumable_loop("unet", {"unet": unet, "text_encoder": text_encoder},
                     list(unet.parameters()) + list(text_encoder.parameters()), args.unet_lr, 1e-2, args.unet_steps,
-                    args.seed + 2, loss_fn, args, ckpt_dir, log)
+                    args.seed + 2, loss_fn, args, ckpt_dir, log, args.unet_ema_decay)
 
 
 def train(args: argparse.Namespace) -> Path:
