@@ -37,6 +37,19 @@ SAMPLERS = {
 }
 
 
+def bounded_ddim() -> type:
+    """DDIM whose eta > 0 step variance stays below 1 - alpha_bar_prev: at zero terminal SNR (alpha_bar = 0 at
+    t = T - 1) diffusers' sqrt(1 - alpha_bar_prev - sigma^2) is the root of a rounding-negative zero, NaN."""
+    from diffusers import DDIMScheduler
+
+    class BoundedDDIM(DDIMScheduler):
+        def _get_variance(self, timestep, prev_timestep):
+            prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+            return torch.minimum(super()._get_variance(timestep, prev_timestep), (1 - prev) * (1 - 1e-6))
+
+    return BoundedDDIM
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default=str(ROOT / "assets" / "toy-sd"), help="toy pipeline folder")
@@ -69,7 +82,7 @@ def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     res = {}
     for name in args.samplers:
         cls, config, call = SAMPLERS[name]
-        pipe.scheduler = getattr(diffusers, cls).from_config(own, **config)
+        pipe.scheduler = (bounded_ddim() if cls == "DDIMScheduler" else getattr(diffusers, cls)).from_config(own, **config)
         steps = args.ddpm_steps if cls == "DDPMScheduler" else args.steps
         torch.manual_seed(args.seed)  # the stochastic samplers draw their step noise from the global generator
         images = M.sample_images(pipe, [""] * args.n, seeds, num_inference_steps=steps,

@@ -116,3 +116,26 @@ def test_sweep_reuses_a_finished_run_only_when_it_is_the_same_run(tiny_pipeline,
         sweep_toy.train_one(args("--method", "esd"), {"learning_rate": "1e-4"}, out)
     with pytest.raises(UserError, match="other removing_concepts"):
         sweep_toy.train_one(args("--removing_concepts", "blue"), {"learning_rate": "1e-4"}, out)
+
+
+def test_empty_mix_eta1_step_is_finite_at_zero_terminal_snr():
+    """diffusers' DDIM at eta 1 gives NaN from t = T - 1 of a zero-SNR schedule; empty_mix's bounded DDIM does not,
+    and on SD's schedule (the shipped model's) it is the same step."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    from benchmarks.empty_mix import bounded_ddim
+    from utils.toy.train import make_scheduler
+
+    x, v = torch.randn(4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.ones(4, 4, 4)
+    for zero_snr, stock_finite in ((True, False), (False, True)):
+        config = make_scheduler("v_prediction" if zero_snr else "epsilon", zero_snr).config
+        outs = []
+        for cls in (DDIMScheduler, bounded_ddim()):
+            sched = cls.from_config(config)
+            sched.set_timesteps(20)
+            step = sched.step(v, sched.timesteps[0], x, eta=1.0, generator=torch.Generator().manual_seed(1))
+            outs.append(step.prev_sample)
+        assert bool(torch.isfinite(outs[0]).all()) == stock_finite and torch.isfinite(outs[1]).all()
+        if stock_finite:
+            assert torch.equal(outs[0], outs[1])
