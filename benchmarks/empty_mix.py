@@ -79,10 +79,11 @@ def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     pipe = M.load_pipeline(args.model, args.unet, args.device)
     own = pipe.scheduler.config
     seeds = [it.seed for it in M.empty_items(args.n, args.seed)]
+    classes = {"DDIMScheduler": bounded_ddim(), "DDPMScheduler": diffusers.DDPMScheduler}
     res = {}
     for name in args.samplers:
         cls, config, call = SAMPLERS[name]
-        pipe.scheduler = (bounded_ddim() if cls == "DDIMScheduler" else getattr(diffusers, cls)).from_config(own, **config)
+        pipe.scheduler = classes[cls].from_config(own, **config)
         steps = args.ddpm_steps if cls == "DDPMScheduler" else args.steps
         torch.manual_seed(args.seed)  # the stochastic samplers draw their step noise from the global generator
         images = M.sample_images(pipe, [""] * args.n, seeds, num_inference_steps=steps,

@@ -26,6 +26,7 @@ from utils.saving import atomic_write, atomic_write_text
 from utils.toy.judge import judge
 from utils.toy.language import COLOURS, SHAPES, caption_distribution, vocabulary
 from utils.toy.render import RESOLUTION, make_dataset
+from utils.views import ema_update, snapshot
 
 MODEL_MAX_LENGTH = 16
 DEFAULT_GUIDANCE = 5.0
@@ -95,17 +96,18 @@ def _resumable_loop(name: str, modules: dict[str, torch.nn.Module], params: list
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_at(s, steps, min(200, steps // 10 + 1)))
     gen = torch.Generator().manual_seed(seed)
-    ema = [p.detach().clone() for p in params] if ema_decay else []
+    named = {f"{k}.{n}": p for k, m in modules.items() for n, p in m.named_parameters()}
+    ema = snapshot(named) if ema_decay else {}
     start = 0
     if ckpt.exists():
         st = torch.load(ckpt, weights_only=False)
         for k, m in modules.items():
             m.load_state_dict(st[k])
         opt.load_state_dict(st["opt"]), sched.load_state_dict(st["sched"]), gen.set_state(st["gen"])
-        if ema and "ema" not in st:
-            raise UserError(f"{ckpt} was written without a weight average; resume it without --unet_ema_decay, "
-                            "or delete it to start again")
         if ema:
+            if "ema" not in st:
+                raise UserError(f"{ckpt} was written without a weight average; resume it without --unet_ema_decay, "
+                                "or delete it to start again")
             ema = st["ema"]
         start = st["step"]
         log.info("%s: resumed from %s at step %d", name, ckpt, start)
@@ -120,10 +122,7 @@ def _resumable_loop(name: str, modules: dict[str, torch.nn.Module], params: list
         opt.step()
         sched.step()
         if ema:
-            weight = 1 - min(ema_decay, (step + 1) / (step + 10))  # the usual warm-up: short at first
-            with torch.no_grad():
-                for e, p in zip(ema, params):
-                    e.lerp_(p, weight)
+            ema_update(ema, named, min(ema_decay, (step + 1) / (step + 10)))  # the usual warm-up: short at first
         bar.set_postfix(loss=f"{loss.item():.4f}", **{k: f"{v:.4f}" for k, v in extra.items()})
         if (step + 1) % 50 == 0 or step + 1 == steps:
             log.info("%s step %d/%d loss %.5f %s lr %.2e", name, step + 1, steps, loss.item(),
@@ -134,10 +133,9 @@ def _resumable_loop(name: str, modules: dict[str, torch.nn.Module], params: list
             if ema:
                 state["ema"] = ema
             atomic_write(ckpt, lambda tmp: torch.save(state, tmp))
-    if ema:
-        with torch.no_grad():
-            for p, e in zip(params, ema):
-                p.copy_(e)
+    with torch.no_grad():
+        for n, e in ema.items():
+            named[n].copy_(e)
     for m in modules.values():
         m.eval()
 
