@@ -1,4 +1,4 @@
-"""Two concepts at once on the shipped toy model: run_esd_toy.sh's red + blue run erases both (its own file, so that
+"""Two concepts at once on the shipped toy model: run_esd_toy.sh's blue + red run erases both (its own file, so that
 pytest-xdist runs it beside test_toy_erasure.py's single-concept run)."""
 from __future__ import annotations
 
@@ -10,18 +10,20 @@ from test_toy_erasure import TOY, colour_rates
 pytestmark = pytest.mark.skipif(not (TOY / "model_index.json").exists(), reason="assets/toy-sd not present")
 
 
-def test_esd_erases_red_and_blue_one_after_the_other_and_keeps_purple_yellow_green(tmp_path, one_thread):
-    """run_esd_toy.sh's red + blue run: red for 165 steps, then blue for 165 (--concept_method sequential); orange,
-    red's neighbour, is lost on this model (docs/toy_world.md), so it is not asserted."""
+def test_esd_erases_blue_then_red_and_keeps_the_other_four(tmp_path, one_thread):
+    """run_esd_toy.sh's two-concept run: blue for 200 steps, then red for 100 (--concept_steps), eta 2; orange,
+    red's neighbour, is the colour most at risk (82.5% preserved in the demo, docs/toy_world.md)."""
     out = train_esd.main(train_esd.parse_args([
-        "--pretrained_model_name_or_path", str(TOY), "--removing_concepts", "red", "blue", "--num_train_steps", "330",
-        "--concept_method", "sequential", "--train_batch_size", "4", "--learning_rate", "1e-4", "--num_ddim_steps",
-        "20", "--guidance_scale", "3", "--negative_guidance", "1", "--checkpointing_steps", "1000", "--seed", "0",
-        "--device", "cpu", "--threads", "1", "--output_dir", str(tmp_path / "rb")]))
+        "--pretrained_model_name_or_path", str(TOY), "--removing_concepts", "blue", "red", "--num_train_steps", "300",
+        "--concept_method", "sequential", "--concept_steps", "200", "100", "--train_batch_size", "4",
+        "--learning_rate", "1e-4", "--num_ddim_steps", "20", "--guidance_scale", "3", "--negative_guidance", "2",
+        "--checkpointing_steps", "1000", "--seed", "0", "--device", "cpu", "--threads", "1",
+        "--output_dir", str(tmp_path / "br")]))
     erased = [("a red circle", "red"), ("a square in crimson", "red"), ("a blue triangle", "blue"),
               ("a circle in azure", "blue")]
-    kept = [("a purple circle", "purple"), ("a yellow triangle", "yellow"), ("a green square", "green")]
+    kept = [("a orange circle", "orange"), ("a purple circle", "purple"), ("a yellow triangle", "yellow"),
+            ("a green square", "green")]
     before, after = colour_rates(None, erased + kept), colour_rates(out / "unet", erased + kept)
     assert min(before.values()) >= 0.75
     assert all(after[p] <= 0.25 for p, _ in erased), after
-    assert all(after[p] >= 0.75 for p, _ in kept), after
+    assert after["a orange circle"] >= 0.5 and all(after[p] >= 0.75 for p, _ in kept[1:]), after

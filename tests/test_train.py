@@ -199,8 +199,25 @@ def test_concept_schedules():
     assert concept_schedule(c, "composite", 2, 0) == ["a, b, c"] * 2
     assert concept_schedule(c, "sequential", 6, 0) == ["a", "a", "b", "b", "c", "c"]
     assert concept_schedule(c, "sequential", 7, 0) == ["a", "a", "a", "b", "b", "c", "c"]
+    assert concept_schedule(c, "sequential", 6, 0, [1, 3, 2]) == ["a", "b", "b", "b", "c", "c"]
+    with pytest.raises(ValueError, match="sequential"):
+        concept_schedule(c, "iterative", 6, 0, [1, 3, 2])
     r = concept_schedule(c, "random", 60, 1)
     assert r == concept_schedule(c, "random", 60, 1) and set(r) == set(c) and r != concept_schedule(c, "random", 60, 2)
+
+
+def test_concept_steps_give_each_concept_its_own_steps(tiny_pipeline, tmp_path):
+    out = train_esd.main(esd_args(tiny_pipeline, tmp_path / "o", "--concept_method", "sequential",
+                                  "--concept_steps", "1", "2"))
+    log = (out / "train.log").read_text(encoding="utf-8")
+    assert [log.count(f"concept {c!r}") for c in ("nudity", "red circle")] == [1, 2]
+    for extra, match in [(["--concept_steps", "1", "2"], "needs --concept_method sequential"),
+                         (["--concept_method", "sequential", "--concept_steps", "3"], "1 counts for 2 concepts"),
+                         (["--concept_method", "sequential", "--concept_steps", "2", "2"], "pass --num_train_steps 4"),
+                         (["--concept_method", "sequential", "--concept_steps", "3", "0"], ">= 1")]:
+        with pytest.raises(UserError, match=match):
+            train_esd.main(esd_args(tiny_pipeline, tmp_path / "bad", *extra))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_removal_target_current_uses_the_step_concept(tiny_pipeline, tmp_path):

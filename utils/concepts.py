@@ -15,9 +15,16 @@ def joined(concepts: Sequence[str]) -> str:
     return ", ".join(concepts)
 
 
-def concept_schedule(concepts: Sequence[str], method: str, num_steps: int, seed: int) -> list[str]:
-    """c_p for every step: cycle through C, draw at random (seeded), use the joined string, or C one after another."""
+def concept_schedule(concepts: Sequence[str], method: str, num_steps: int, seed: int,
+                     steps: Sequence[int] | None = None) -> list[str]:
+    """c_p for every step: cycle through C, draw at random (seeded), use the joined string, or C one after another
+    (for `steps[i]` steps each when given, else num_steps split evenly)."""
     n = len(concepts)
+    if steps:
+        if method != "sequential" or len(steps) != n or sum(steps) != num_steps or min(steps) < 1:
+            raise ValueError(f"steps {list(steps)} need the sequential method, one count >= 1 per concept ({n}) "
+                             f"and the sum {num_steps}")
+        return [c for c, k in zip(concepts, steps) for _ in range(k)]
     if method == "iterative":
         return [concepts[s % n] for s in range(num_steps)]
     if method == "random":

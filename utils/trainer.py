@@ -56,6 +56,8 @@ def add_training_args(p: argparse.ArgumentParser, *, num_train_steps: int, weigh
                    help="concepts to remove: words/phrases, or one .txt file with one concept a line")
     g.add_argument("--concept_method", choices=CONCEPT_METHODS, default="iterative",
                    help="how c_p is chosen each step: cycle, random, the joined string, or one concept after another")
+    g.add_argument("--concept_steps", type=int, nargs="+", default=None, metavar="N", help="with --concept_method "
+                   "sequential: each concept's steps, adding up to --num_train_steps (default: an even split)")
     g.add_argument("--guidance_scale", type=float, default=3.0, help="s_g: CFG scale used to sample z_t")
     g.add_argument("--num_ddim_steps", type=int, default=50, help="N: DDIM steps of the sampling trajectory")
     g.add_argument("--trajectory_samples", type=int, default=1,
@@ -246,7 +248,7 @@ class Run:
         unet.train()
         optimizer, lr_scheduler, scaler = make_adamw(subset.values(), args, device, dtype)
         self.method = make_method(Setup(unet, subset, args, self.concepts))
-        self.schedule = concept_schedule(self.concepts, args.concept_method, args.num_train_steps, args.seed)
+        self.schedule = concept_schedule(self.concepts, args.concept_method, args.num_train_steps, args.seed, args.concept_steps)
         generator = torch.Generator().manual_seed(args.seed)  # k, z_T and jitter: CPU draws, same on every device
         queue = TrajectoryQueue(args.num_ddim_steps, args.trajectory_samples, args.trajectory_reuse)
         self.state = TrainState(subset, self.method, optimizer, lr_scheduler, scaler, generator, queue)
