@@ -62,6 +62,9 @@ TINY: dict[str, list[str]] = {
     "run_esd_toy.sh": [],
     "benchmarks/gpu_check.sh": [],
 }
+# TINY's trainers run 2 steps: a documented per-concept schedule (--concept_steps, which must add up to them) shrinks
+# to one step a concept, so two-concept commands run (any other count fails, naming the flag)
+SHRINK = (re.compile(r"--concept_steps((?:\s+\d+)+)"), lambda m: "--concept_steps" + " 1" * len(m.group(1).split()))
 EXIT_CODES = {"benchmarks/gpu_check.sh": 0 if torch.cuda.is_available() else 3}  # documented: 3 without CUDA
 # placeholders the pages use in commands, and a value each
 PLACEHOLDERS = {"R": "128", "P": "bf16", "RESULT_DIR": "gpu_check_results", "SUBCOMMAND": "toy", "OUT": "outputs/out"}
@@ -196,7 +199,8 @@ def execute(cmd: DocCommand, variables: dict[str, str], tiny_pipeline: Path, mon
     if (m := ASSIGNMENT.match(cmd.text)) and len(shlex.split(cmd.text, comments=True)) == 1:
         variables[m.group(1)] = " ".join(shlex.split(m.group(2) or ""))
         return
-    argv = words(cmd.text, variables)
+    text = SHRINK[0].sub(SHRINK[1], cmd.text)
+    argv = words(text, variables)
     while ASSIGNMENT.match(argv[0]):  # NAME=value python ...
         monkeypatch.setenv(*argv.pop(0).split("=", 1))
     key, rest = program(argv)
@@ -210,10 +214,14 @@ def execute(cmd: DocCommand, variables: dict[str, str], tiny_pipeline: Path, mon
     if key not in TINY:
         if argv[0] in ("python", "python3", "bash", "sh"):
             pytest.fail(f"{cmd}\nno tiny settings for {key}: add it to TINY (or to PARSE_ONLY, with the reason)")
-        return shell(cmd.text, variables)  # printf, mkdir, ...
+        return shell(text, variables)  # printf, mkdir, ...
     if key.endswith(".sh"):
-        return run_script(key, rest, cmd.text, variables)
-    in_process(key, rest + ([] if "--help" in rest or "-h" in rest else TINY[key]), monkeypatch)
+        return run_script(key, rest, text, variables)
+    tiny = [] if "--help" in rest or "-h" in rest else TINY[key]
+    if "--extra" in tiny and "--extra" in rest:  # it takes the rest: tiny flags before the page's, its extras after
+        i, j = rest.index("--extra"), tiny.index("--extra")
+        return in_process(key, rest[:i] + tiny[:j] + rest[i:] + tiny[j + 1:], monkeypatch)
+    in_process(key, rest + tiny, monkeypatch)
 
 
 def listing() -> tuple[list[str], list[str]]:

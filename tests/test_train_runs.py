@@ -2,6 +2,7 @@
 checkpoint and say how to continue, finished runs are not overwritten, bad input is one line and writes nothing."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -86,6 +87,11 @@ def test_resume_names_a_checkpoint_in_the_output_dir_and_not_one_past_the_end(ti
     with pytest.raises(UserError, match="checkpoint-2 is past --num_train_steps 1"):
         train_sdd.main(sd_args(tiny_pipeline, part, "--resume_from_checkpoint", "latest", "--num_train_steps", "1"))
     (part / "checkpoint-2").rename(part / "checkpoint-1")
+    # a checkpoint written before a flag existed (here --concept_steps) resumes when the flag is left unset
+    run_json = part / "checkpoint-1" / "run.json"
+    saved = json.loads(run_json.read_text())
+    assert saved.pop("concept_steps") is None
+    run_json.write_text(json.dumps(saved))
     # as in the diffusers examples, a bare checkpoint name is looked up in --output_dir
     train_sdd.main(sd_args(tiny_pipeline, part, "--resume_from_checkpoint", "checkpoint-1"))
     assert f"resumed from {part / 'checkpoint-1'} at step 1" in (part / "train.log").read_text()

@@ -160,7 +160,8 @@ def check_same_run(path: Path, identity: dict) -> None:
         log.warning("%s has no run.json (written by an older version): its flags cannot be checked", path)
         return
     saved = json.loads(saved_file.read_text(encoding="utf-8"))
-    keys = sorted(set(saved) | set(identity))
+    # a flag added after the checkpoint was written is the same run when it is left at its default None
+    keys = sorted(set(saved) | {k for k, v in identity.items() if k in saved or v is not None})
     unset = "(not set)"
     diffs = [f"--{k} {saved.get(k, unset)} (now {identity.get(k, unset)})" for k in keys
              if not same_flag_value(saved.get(k), identity.get(k))]
