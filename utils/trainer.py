@@ -248,7 +248,8 @@ class Run:
         unet.train()
         optimizer, lr_scheduler, scaler = make_adamw(subset.values(), args, device, dtype)
         self.method = make_method(Setup(unet, subset, args, self.concepts))
-        self.schedule = concept_schedule(self.concepts, args.concept_method, args.num_train_steps, args.seed, args.concept_steps)
+        self.schedule = concept_schedule(self.concepts, args.concept_method, args.num_train_steps, args.seed,
+                                         args.concept_steps)
         generator = torch.Generator().manual_seed(args.seed)  # k, z_T and jitter: CPU draws, same on every device
         queue = TrajectoryQueue(args.num_ddim_steps, args.trajectory_samples, args.trajectory_reuse)
         self.state = TrainState(subset, self.method, optimizer, lr_scheduler, scaler, generator, queue)
