@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.cli import Stopped, UserError, same_flag_value
+from utils.concepts import concept_steps_problem
 from utils.sampling import TrajectoryQueue
 from utils.saving import atomic_dir
 from utils.text import read_word_list
@@ -66,7 +67,9 @@ def check_run_args(args: argparse.Namespace) -> tuple[list[str], list[str], Path
         raise UserError("training runs on one device; launch it without --num_processes > 1 (generate.py scales out)")
     concepts = read_word_list(args.removing_concepts, "concepts (--removing_concepts)")
     val_prompts = read_word_list(args.validation_prompts, "validation prompts") if args.validation_prompts else []
-    check_concept_steps(args, concepts)
+    if args.concept_steps and (problem := concept_steps_problem(args.concept_steps, concepts, args.concept_method,
+                                                                 args.num_train_steps)):
+        raise UserError(problem)
     if not 1 <= args.trajectory_samples <= args.num_ddim_steps:
         raise UserError(f"--trajectory_samples must be in [1, --num_ddim_steps], got {args.trajectory_samples}")
     if not 1 <= args.trajectory_samples * args.trajectory_reuse <= args.num_ddim_steps:
@@ -90,22 +93,6 @@ def check_run_args(args: argparse.Namespace) -> tuple[list[str], list[str], Path
     if resume is not None:
         check_same_run(resume, identity)
     return concepts, val_prompts, resume, identity
-
-
-def check_concept_steps(args: argparse.Namespace, concepts: list[str]) -> None:
-    """--concept_steps: only with the sequential method, one count >= 1 per concept, adding up to --num_train_steps."""
-    steps = getattr(args, "concept_steps", None)
-    if not steps:
-        return
-    if args.concept_method != "sequential":
-        raise UserError(f"--concept_steps needs --concept_method sequential (got {args.concept_method})")
-    if len(steps) != len(concepts):
-        raise UserError(f"--concept_steps has {len(steps)} counts for {len(concepts)} concepts {concepts}")
-    if min(steps) < 1:
-        raise UserError(f"--concept_steps must each be >= 1, got {steps}")
-    if sum(steps) != args.num_train_steps:
-        raise UserError(f"--concept_steps add up to {sum(steps)} but --num_train_steps is {args.num_train_steps}; "
-                        f"pass --num_train_steps {sum(steps)}")
 
 
 def resolve_resume(args: argparse.Namespace) -> Path | None:

@@ -15,16 +15,27 @@ def joined(concepts: Sequence[str]) -> str:
     return ", ".join(concepts)
 
 
+def concept_steps_problem(steps: Sequence[int], concepts: Sequence[str], method: str, num_steps: int) -> str | None:
+    """Why per-concept step counts (--concept_steps) do not fit the run; None when they do."""
+    if method != "sequential":
+        return f"--concept_steps needs --concept_method sequential (got {method})"
+    if len(steps) != len(concepts):
+        return f"--concept_steps has {len(steps)} counts for {len(concepts)} concepts {list(concepts)}"
+    if min(steps) < 1:
+        return f"--concept_steps must each be >= 1, got {list(steps)}"
+    if sum(steps) != num_steps:
+        return (f"--concept_steps add up to {sum(steps)} but --num_train_steps is {num_steps}; "
+                f"pass --num_train_steps {sum(steps)}")
+    return None
+
+
 def concept_schedule(concepts: Sequence[str], method: str, num_steps: int, seed: int,
                      steps: Sequence[int] | None = None) -> list[str]:
     """c_p for every step: cycle through C, draw at random (seeded), use the joined string, or C one after another
-    (for `steps[i]` steps each when given, else num_steps split evenly)."""
+    (`steps[i]` steps each when given, else num_steps split evenly)."""
     n = len(concepts)
-    if steps:
-        if method != "sequential" or len(steps) != n or sum(steps) != num_steps or min(steps) < 1:
-            raise ValueError(f"steps {list(steps)} need the sequential method, one count >= 1 per concept ({n}) "
-                             f"and the sum {num_steps}")
-        return [c for c, k in zip(concepts, steps) for _ in range(k)]
+    if steps and (problem := concept_steps_problem(steps, concepts, method, num_steps)):
+        raise ValueError(problem)
     if method == "iterative":
         return [concepts[s % n] for s in range(num_steps)]
     if method == "random":
@@ -33,7 +44,9 @@ def concept_schedule(concepts: Sequence[str], method: str, num_steps: int, seed:
     if method == "composite":
         return [joined(concepts)] * num_steps
     if method == "sequential":
-        return [concepts[min(s * n // max(num_steps, 1), n - 1)] for s in range(num_steps)]
+        edges = [-(-i * num_steps // n) for i in range(n + 1)]  # ceil(i * num_steps / n): the even split
+        counts = steps or [b - a for a, b in zip(edges, edges[1:])]
+        return [c for c, k in zip(concepts, counts) for _ in range(k)]
     raise ValueError(f"unknown concept method {method!r}; choose from {', '.join(CONCEPT_METHODS)}")
 
 
