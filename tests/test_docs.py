@@ -62,9 +62,8 @@ TINY: dict[str, list[str]] = {
     "run_esd_toy.sh": [],
     "benchmarks/gpu_check.sh": [],
 }
-# TINY's trainers run 2 steps: a documented per-concept schedule (--concept_steps, which must add up to them) shrinks
-# to one step a concept, so two-concept commands run (any other count fails, naming the flag)
-SHRINK = (re.compile(r"--concept_steps((?:\s+\d+)+)"), lambda m: "--concept_steps" + " 1" * len(m.group(1).split()))
+# a documented per-concept schedule (tiny_schedule shrinks it)
+CONCEPT_STEPS = re.compile(r"--concept_steps((?:\s+\d+)+)")
 EXIT_CODES = {"benchmarks/gpu_check.sh": 0 if torch.cuda.is_available() else 3}  # documented: 3 without CUDA
 # placeholders the pages use in commands, and a value each
 PLACEHOLDERS = {"R": "128", "P": "bf16", "RESULT_DIR": "gpu_check_results", "SUBCOMMAND": "toy", "OUT": "outputs/out"}
@@ -184,6 +183,12 @@ def parse_check(key: str, argv: list[str], tiny_pipeline: Path, monkeypatch) -> 
         in_process(key, argv, monkeypatch, parse_only=True)
 
 
+def tiny_schedule(text: str) -> str:
+    """TINY's trainers run 2 steps: a documented --concept_steps (which must add up to them) becomes one step a
+    concept, so two-concept commands run (any other count fails, naming the flag)."""
+    return CONCEPT_STEPS.sub(lambda m: "--concept_steps" + " 1" * len(m.group(1).split()), text)
+
+
 def words(text: str, variables: dict[str, str]) -> list[str]:
     """The command's words: $VARs of the page expanded, `[optional]` kept, placeholders filled."""
     for name, value in variables.items():
@@ -199,7 +204,7 @@ def execute(cmd: DocCommand, variables: dict[str, str], tiny_pipeline: Path, mon
     if (m := ASSIGNMENT.match(cmd.text)) and len(shlex.split(cmd.text, comments=True)) == 1:
         variables[m.group(1)] = " ".join(shlex.split(m.group(2) or ""))
         return
-    text = SHRINK[0].sub(SHRINK[1], cmd.text)
+    text = tiny_schedule(cmd.text)
     argv = words(text, variables)
     while ASSIGNMENT.match(argv[0]):  # NAME=value python ...
         monkeypatch.setenv(*argv.pop(0).split("=", 1))
