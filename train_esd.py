@@ -16,7 +16,8 @@ from typing import Mapping, Sequence
 import torch
 
 from utils.cli import ArgumentParser, HelpFormatter, run
-from utils.trainer import Batch, Setup, add_training_args, train
+from utils.train_args import add_training_args
+from utils.trainer import Batch, Setup, train
 from utils.views import call, snapshot
 
 

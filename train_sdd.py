@@ -17,7 +17,8 @@ import torch
 
 from utils.cli import ArgumentParser, HelpFormatter, run
 from utils.concepts import REMOVAL_TARGETS, SAMPLING_CONCEPTS
-from utils.trainer import Batch, Setup, add_training_args, train
+from utils.train_args import add_training_args
+from utils.trainer import Batch, Setup, train
 from utils.views import call, ema_update, snapshot
 
 

@@ -1,8 +1,9 @@
-"""The training loop shared by SDD and ESD: the shared flags, the method protocol, one Run (setup, step, finish), saving.
+"""The training loop shared by SDD and ESD: the method protocol, one Run (setup, step, finish), saving.
 
 A method (see train_sdd.py / train_esd.py) only says which weights sample z_t, what the loss is, what happens after
-an optimizer step and which weights are the result. Everything else lives here once, with checks, checkpoints, the
-same-run check on resume and signals in utils/checkpoints.py and sampling in utils/sampling.py.
+an optimizer step and which weights are the result. Everything else lives here once: the shared flags in
+utils/train_args.py, checks, checkpoints, the same-run check on resume and signals in utils/checkpoints.py, and
+sampling in utils/sampling.py.
 """
 from __future__ import annotations
 
@@ -18,98 +19,21 @@ import torch
 from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
-from utils.cli import DTYPES, UserError, add_threads_arg, apply_threads, resolve_device, setup_logging
+from utils.cli import DTYPES, UserError, apply_threads, resolve_device, setup_logging
 from utils.checkpoints import (StopOnSignal, TrainState, check_run_args, checkpoint_step, clear_run, load_checkpoint,
                                save_checkpoint)
-from utils.concepts import CONCEPT_METHODS, concept_schedule, joined, step_prompts
+from utils.concepts import concept_schedule, joined, step_prompts
 from utils.convtune import autotune_convolutions, choices
 from utils.models import cast, from_pretrained, load_sd_parts
-from utils.optim import add_adamw_args, autocast_to, make_adamw
-from utils.lora import describe_export, export_lora, rank_arg
-from utils.params import FINETUNING_METHODS, describe, trainable_parameters
+from utils.optim import autocast_to, make_adamw
+from utils.lora import describe_export, export_lora
+from utils.params import describe, trainable_parameters
 from utils.sampling import TrajectoryQueue, jitter_timestep, validation_grid
 from utils.saving import atomic_dir, atomic_write_text, save_erasure
 from utils.text import encode_once
 from utils.views import View, snapshot, swapped_in
 
 log = logging.getLogger("sdd")
-
-
-# ----------------------------------------------------------------------------------------------- command line
-class _DevicesAlias(argparse.Action):
-    """`--devices A [B]` (reference code: student on A, teacher on B) -> device cuda:A."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        setattr(namespace, self.dest, f"cuda:{values[0]}")
-
-
-def add_training_args(p: argparse.ArgumentParser, *, num_train_steps: int, weight_decay: float, max_grad_norm: float,
-                      output_dir: str) -> None:
-    """The flags both trainers share (names follow the reference code and the diffusers training examples)."""
-    g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", default="CompVis/stable-diffusion-v1-4",
-                   help="hub id or local diffusers pipeline folder")
-    g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    g.add_argument("--variant", default=None, help="weight file variant, e.g. fp16")
-    g = p.add_argument_group("concepts")
-    g.add_argument("--removing_concepts", nargs="+", required=True,
-                   help="concepts to remove: words/phrases, or one .txt file with one concept a line")
-    g.add_argument("--concept_method", choices=CONCEPT_METHODS, default="iterative",
-                   help="how c_p is chosen each step: cycle, random, the joined string, or one concept after another")
-    g.add_argument("--concept_steps", type=int, nargs="+", default=None, metavar="N", help="with --concept_method "
-                   "sequential: each concept's steps, adding up to --num_train_steps (default: an even split)")
-    g.add_argument("--guidance_scale", type=float, default=3.0, help="s_g: CFG scale used to sample z_t")
-    g.add_argument("--num_ddim_steps", type=int, default=50, help="N: DDIM steps of the sampling trajectory")
-    g.add_argument("--trajectory_samples", type=int, default=1,
-                   help="M: train on M distinct steps of each sampled trajectory (amortises the teacher; opt-in, "
-                        "changes the training distribution; see docs/performance.md)")
-    g.add_argument("--trajectory_reuse", type=int, default=1,
-                   help="R: each teacher trajectory serves R micro-steps (M each; R * M <= N); cuts the teacher's "
-                        "cost ~R-fold; opt-in, changes the training distribution; see docs/performance.md")
-    g.add_argument("--timestep_jitter", action="store_true",
-                   help="train at a DDPM timestep drawn uniformly from [t, t + T/N) instead of t (reference code)")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--finetuning_method", choices=list(FINETUNING_METHODS), default="xattn",
-                   help="which U-Net parameters train (see utils/params.py)")
-    g.add_argument("--num_train_steps", "--max_train_steps", type=int, default=num_train_steps,
-                   help="optimizer steps (--max_train_steps: the diffusers examples' name)")
-    g.add_argument("--train_batch_size", type=int, default=1, help="z_T samples per micro-step")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-steps per optimizer step")
-    add_adamw_args(g, learning_rate=1e-5, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
-    g.add_argument("--resolution", type=int, default=None, help="image size of z_T (default: the model's own)")
-    g.add_argument("--seed", type=int, default=0, help="seed of k, z_T, the concept order and validation")
-    g = p.add_argument_group("hardware")
-    g.add_argument("--device", default=None, help="torch device, e.g. cuda:1 or cpu (None: cuda when available)")
-    g.add_argument("--devices", dest="device", nargs="+", type=int, action=_DevicesAlias, default=argparse.SUPPRESS,
-                   metavar="GPU", help="reference code's flag: GPU indices of student and teacher; here both share "
-                                       "one U-Net, so this means --device cuda:FIRST")
-    add_threads_arg(g)
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
-                   help="dtype of the frozen weights (text encoder, VAE, frozen U-Net); trained weights stay fp32; "
-                        "'no' is the paper's fp32")
-    g.add_argument("--use_fp16", dest="mixed_precision", action="store_const", const="fp16",
-                   default=argparse.SUPPRESS, help="reference code's flag: same as --mixed_precision fp16")
-    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute U-Net activations in backward")
-    g.add_argument("--allow_tf32", action="store_true",
-                   help="allow TF32 matmuls on Ampere+ GPUs (PyTorch already allows TF32 convolutions by default)")
-    g.add_argument("--conv_autotune", action="store_true",
-                   help="time the convolution kernels once per shape and keep the fastest (cuDNN benchmark mode on a "
-                        "GPU; oneDNN vs native im2col on the CPU, up to 1.8x faster U-Net forwards at 128 px); results "
-                        "may then differ from an untuned run in the last bits")
-    g = p.add_argument_group("outputs")
-    g.add_argument("--output_dir", default=output_dir, help="where unet/, erasure.safetensors, logs and checkpoints go")
-    g.add_argument("--overwrite_output_dir", action="store_true", help="allow writing into a folder with a finished run")
-    g.add_argument("--export_lora_rank", type=rank_arg, default=None, help="at the end, also write OUTPUT_DIR/"
-                   "erasure-lora-r{R}.safetensors: the erasure as a rank-R LoRA (or 'full'; docs/lora.md)")
-    g.add_argument("--checkpointing_steps", type=int, default=500, help="save a resumable checkpoint every N steps")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
-    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest' in output_dir")
-    g.add_argument("--validation_prompts", nargs="+", default=None, help="prompts (or one .txt) to sample during training")
-    g.add_argument("--validation_steps", "--eval_every", type=int, default=250,
-                   help="sample the validation prompts every N steps (--eval_every: the reference code's name)")
-    g.add_argument("--num_validation_images", "--num_images_per_prompt", type=int, default=2,
-                   help="images per validation prompt (--num_images_per_prompt: the reference code's name)")
-    g.add_argument("--validation_guidance_scale", type=float, default=7.5, help="CFG scale of validation images")
 
 
 # ----------------------------------------------------------------------------------------------- methods
