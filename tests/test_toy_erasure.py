@@ -8,13 +8,9 @@ from pathlib import Path
 import pytest
 
 import train_esd
-from utils.toy import measure as M
+from toy_util import TOY, colour_rates, needs_toy
 
-ROOT = Path(__file__).resolve().parents[1]
-TOY = ROOT / "assets" / "toy-sd"
-
-
-pytestmark = pytest.mark.skipif(not (TOY / "model_index.json").exists(), reason="assets/toy-sd not present")
+pytestmark = needs_toy
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +21,6 @@ def esd_run(tmp_path_factory, one_thread) -> Path:
         "--train_batch_size", "4", "--learning_rate", "1e-4", "--num_ddim_steps", "20", "--guidance_scale", "3",
         "--negative_guidance", "1", "--checkpointing_steps", "75", "--seed", "0", "--device", "cpu",
         "--threads", "1", "--output_dir", str(tmp_path_factory.mktemp("esd") / "esd")]))
-
-
-def colour_rates(unet: Path | None, prompts: list[tuple[str, str]], n: int = 4) -> dict[str, float]:
-    """For each prompt, the share of its n images (seeds fixed by the prompt) that the judge sees in its colour."""
-    from utils.toy import judge
-
-    images = M.draw(M.load_pipeline(TOY, unet), [M.Item(p, M.image_seed(p, j, 7), "", c, None)
-                                                 for p, c in prompts for j in range(n)])
-    return {p: sum(judge(im)[0] == c for im in images[i * n:(i + 1) * n]) / n for i, (p, c) in enumerate(prompts)}
 
 
 def test_esd_erases_the_word_red_and_keeps_blue_and_green(esd_run, one_thread):

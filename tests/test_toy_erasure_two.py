@@ -2,12 +2,10 @@
 pytest-xdist runs it beside test_toy_erasure.py's single-concept run)."""
 from __future__ import annotations
 
-import pytest
-
 import train_esd
-from test_toy_erasure import TOY, colour_rates
+from toy_util import TOY, colour_rates, needs_toy
 
-pytestmark = pytest.mark.skipif(not (TOY / "model_index.json").exists(), reason="assets/toy-sd not present")
+pytestmark = needs_toy
 
 
 def test_esd_erases_blue_then_red_and_keeps_the_other_four(tmp_path, one_thread):
