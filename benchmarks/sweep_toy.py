@@ -125,6 +125,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further trainer flags, after everything else")
     p.add_argument("--max_steps", type=int, default=600, help="training steps of each run")
     p.add_argument("--check_every", type=int, default=100, help="measure every N steps (the checkpoints)")
+    p.add_argument("--measure_from", type=int, default=0,
+                   help="measure only the checkpoints at this step or later (a fine --check_every near a known step)")
     p.add_argument("--n_per_prompt", type=int, default=4, help="images per measurement prompt")
     p.add_argument("--steps", type=int, default=M.DEFAULT_STEPS, help="DDIM steps of the measurement images")
     p.add_argument("--seed", type=int, default=0, help="seed of the measurement images")
@@ -133,6 +135,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_steps < 1 or args.check_every < 1 or args.max_steps % args.check_every:
         p.error("--max_steps must be a positive multiple of --check_every")
+    if not 0 <= args.measure_from <= args.max_steps:
+        p.error(f"--measure_from must be between 0 and --max_steps ({args.max_steps}), not {args.measure_from}")
     return args
 
 
@@ -152,6 +156,8 @@ def main(args: argparse.Namespace) -> list[dict]:
         train_one(args, combo, out / name)
         for ckpt in list_checkpoints(out / name):
             step = int(ckpt.name.split("-")[1])
+            if step < args.measure_from:
+                continue
             pipe.unet.load_state_dict({**base_state, **checkpoint_weights(ckpt)})
             after = M.draw(pipe, items, desc=f"{name} step {step}", num_inference_steps=args.steps)
             res = M.erasure(items, before, after, concepts)

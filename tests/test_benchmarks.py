@@ -118,6 +118,20 @@ def test_sweep_reuses_a_finished_run_only_when_it_is_the_same_run(tiny_pipeline,
         sweep_toy.train_one(args("--removing_concepts", "blue"), {"learning_rate": "1e-4"}, out)
 
 
+def test_sweep_measures_the_checkpoints_from_measure_from(tmp_path, one_thread):
+    """--check_every 1 writes both checkpoints; --measure_from 2 measures only the second; a start past the run's
+    end is refused."""
+    from benchmarks import sweep_toy
+
+    rows = sweep_toy.main(sweep_toy.parse_args([
+        "--method", "esd", "--max_steps", "2", "--check_every", "1", "--measure_from", "2", "--n_per_prompt", "1",
+        "--steps", "2", "--threads", "1", "--output_dir", str(tmp_path), "--extra", "--num_ddim_steps", "2"]))
+    assert (tmp_path / "default" / "checkpoint-1").is_dir() and [r["step"] for r in rows] == [2]
+    assert "| default | 2 |" in (tmp_path / "sweep.md").read_text()
+    with pytest.raises(SystemExit):
+        sweep_toy.parse_args(["--max_steps", "2", "--check_every", "1", "--measure_from", "3", "--output_dir", "x"])
+
+
 def test_empty_mix_eta1_step_is_finite_at_zero_terminal_snr():
     """diffusers' DDIM at eta 1 gives NaN from t = T - 1 of a zero-SNR schedule; empty_mix's bounded DDIM does not,
     and on SD's schedule (the shipped model's) it is the same step."""

@@ -52,7 +52,8 @@ TINY: dict[str, list[str]] = {
     "benchmarks/lora_rank.py": ["--n_per_prompt", "1", "--steps", "2"],
     "benchmarks/time_to_erase.py": ["--max_steps", "2", "--check_every", "2", "--n_per_prompt", "1",
                                     "--final_n_per_prompt", "1"],
-    "benchmarks/sweep_toy.py": ["--max_steps", "2", "--check_every", "2", "--n_per_prompt", "1", "--steps", "2",
+    "benchmarks/sweep_toy.py": ["--max_steps", "2", "--check_every", "2", "--measure_from", "0",
+                                "--n_per_prompt", "1", "--steps", "2",
                                 "--extra", "--num_ddim_steps", "2"],  # --extra takes the rest: it must come last
     "benchmarks/empty_mix.py": ["--n", "2", "--steps", "2", "--ddpm_steps", "2"],
     "benchmarks/bench_generate.py": ["--num_prompts", "2", "--batch_size", "2", "--repeats", "1",
