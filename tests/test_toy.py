@@ -211,16 +211,19 @@ def test_few_steps_of_training_give_a_seeded_loadable_pipeline(tmp_path):
     assert np.abs(np.asarray(a[0], dtype=int) - np.asarray(a[2], dtype=int)).max() <= 1
     assert np.abs(np.asarray(a[0], dtype=int) - np.asarray(b[0], dtype=int)).max() <= 1
 
-    for bad in (["--zero_snr"], ["--unet_ema_decay", "1"], ["--vae_rgb_weight", "-1"]):  # epsilon: undefined at 0 SNR
+    # epsilon is undefined at zero SNR, which is on by default
+    for bad in (["--prediction_type", "epsilon"], ["--unet_ema_decay", "1"], ["--vae_rgb_weight", "-1"]):
         with pytest.raises(SystemExit):
             parse_args(["train", *bad])
-    vpred = tmp_path / "vpred"
-    main(parse_args(["train", "--output_dir", str(vpred), *flags, "--prediction_type", "v_prediction", "--zero_snr",
-                     "--vae_rgb_weight", "1", "--unet_ema_decay", "0.5"]))  # the variants' flags reach the trainer
-    config = DDIMScheduler.load_config(vpred / "scheduler")
+    config = DDIMScheduler.load_config(out / "scheduler")  # the defaults: the shipped model's recipe
     assert config["prediction_type"] == "v_prediction" and config["rescale_betas_zero_snr"]
     assert config["timestep_spacing"] == "trailing"
-    assert not torch.equal(load_file(vpred / "unet" / "diffusion_pytorch_model.safetensors")["conv_out.bias"],
+    first = tmp_path / "first"  # the first recipe: SD 1.x's target and schedule, a free VAE, no average
+    main(parse_args(["train", "--output_dir", str(first), *flags, "--prediction_type", "epsilon", "--no-zero_snr",
+                     "--vae_rgb_weight", "0", "--unet_ema_decay", "0"]))
+    config = DDIMScheduler.load_config(first / "scheduler")
+    assert config["prediction_type"] == "epsilon" and not config["rescale_betas_zero_snr"]
+    assert not torch.equal(load_file(first / "unet" / "diffusion_pytorch_model.safetensors")["conv_out.bias"],
                            w1["conv_out.bias"])  # same seed and data, another target
 
 
@@ -287,6 +290,21 @@ def test_toy_training_ema_is_the_warm_up_average_of_the_weights_and_survives_a_r
         run(tmp_path / "stopped", 0.9, stop_at=4)
     resumed, _ = run(tmp_path / "stopped", 0.9)
     assert all(torch.equal(r, f) for r, f in zip(resumed, final))
+
+
+@pytest.mark.skipif(not (SHIPPED / "train_toy.log").exists(), reason="assets/toy-sd not trained yet")
+def test_train_defaults_are_the_shipped_models_recipe():
+    """`python -m utils.toy train` with no flags trains what assets/toy-sd/train_toy.log's first line records (all but
+    where it went and how it reported)."""
+    import ast
+
+    from utils.toy.cli import parse_args
+
+    logged = ast.literal_eval((SHIPPED / "train_toy.log").read_text().splitlines()[0].split("train: ", 1)[1])
+    defaults = vars(parse_args(["train"]))
+    ignored = {"output_dir", "keep_checkpoints", "quiet", "threads", "checkpoint_every", "overwrite"}
+    assert {k: v for k, v in logged.items() if k not in ignored} == \
+        {k: defaults[k] for k in logged if k not in ignored}
 
 
 @pytest.mark.skipif(not (SHIPPED / "model_index.json").exists(), reason="assets/toy-sd not trained yet")

@@ -228,22 +228,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_dir", default="outputs/toy-sd",
                    help="where the pipeline, train_toy.log and checkpoints go (a stopped run there is resumed)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished pipeline in --output_dir")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, the initial weights and training")
+    p.add_argument("--seed", type=int, default=2, help="seed of the data, the initial weights and training (the "
+                   "default is the shipped model's)")
     p.add_argument("--n_images", type=int, default=12000, help="rendered training images (colours and shapes balanced)")
     p.add_argument("--vae_steps", type=int, default=600, help="VAE training steps")
     p.add_argument("--vae_batch_size", type=int, default=32, help="VAE batch size")
     p.add_argument("--vae_lr", type=float, default=1e-3, help="VAE peak learning rate (AdamW, warm-up + cosine)")
     p.add_argument("--vae_kl_weight", type=float, default=1e-6, help="weight of the VAE's KL term")
-    p.add_argument("--vae_rgb_weight", type=float, default=0.0,
-                   help="weight of a loss tying latent channels 0-2 to the block-averaged RGB (even colour geometry)")
+    p.add_argument("--vae_rgb_weight", type=float, default=1.0,
+                   help="weight of a loss tying latent channels 0-2 to the block-averaged RGB (even colour geometry; "
+                        "0: a free VAE)")
     p.add_argument("--unet_steps", type=int, default=4500, help="U-Net + text encoder training steps")
     p.add_argument("--unet_batch_size", type=int, default=64, help="U-Net batch size")
     p.add_argument("--unet_lr", type=float, default=1e-3, help="U-Net + text encoder peak learning rate")
-    p.add_argument("--unet_ema_decay", type=float, default=0.0,
+    p.add_argument("--unet_ema_decay", type=float, default=0.999,
                    help="save the exponential moving average of the U-Net and text encoder weights (0: the last ones)")
-    p.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon",
+    p.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="v_prediction",
                    help="what the U-Net predicts (SD 1.x: epsilon; SD 2.x: v_prediction)")
-    p.add_argument("--zero_snr", action="store_true",
+    p.add_argument("--zero_snr", action=argparse.BooleanOptionalAction, default=True,
                    help="rescale the betas to zero terminal SNR and sample from t = T - 1 (needs v_prediction)")
     p.add_argument("--checkpoint_every", type=int, default=250, help="steps between checkpoints (resumed automatically)")
     p.add_argument("--keep_checkpoints", action="store_true", help="keep OUTPUT_DIR/checkpoints after success")
@@ -297,7 +299,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name} must be positive")
     if getattr(args, "zero_snr", False) and args.prediction_type != "v_prediction":
-        parser.error("--zero_snr needs --prediction_type v_prediction (epsilon is undefined at zero SNR)")
+        parser.error("--zero_snr (on by default) needs --prediction_type v_prediction (epsilon is undefined at zero "
+                     "SNR); with epsilon pass --no-zero_snr")
     if not 0 <= getattr(args, "unet_ema_decay", 0) < 1:
         parser.error("--unet_ema_decay must be in [0, 1) (0: no average)")
     if getattr(args, "vae_rgb_weight", 0) < 0:

@@ -106,7 +106,7 @@ def _resumable_loop(name: str, modules: dict[str, torch.nn.Module], params: list
         opt.load_state_dict(st["opt"]), sched.load_state_dict(st["sched"]), gen.set_state(st["gen"])
         if ema:
             if "ema" not in st:
-                raise UserError(f"{ckpt} was written without a weight average; resume it without --unet_ema_decay, "
+                raise UserError(f"{ckpt} was written without a weight average; resume it with --unet_ema_decay 0, "
                                 "or delete it to start again")
             ema = st["ema"]
         start = st["step"]
