@@ -120,6 +120,10 @@ def test_judge_sees_off_palette_colours_as_other():
     assert toy.judge(_disc((232, 164, 34)))[0] == "other"  # the orange-ish yellow an erasure drew
     assert toy.judge(_disc((234, 90, 25)))[0] == "other"   # between red and orange
     assert toy.judge(_disc((90, 50, 200)))[0] == "other"   # between blue and purple
+    # the lenient reading names the nearest palette colour at any distance: a crimson is red, red-orange is orange
+    assert toy.judge(_disc((199, 18, 80)))[0] == "other" and toy.nearest_colour(_disc((199, 18, 80))) == "red"
+    assert toy.nearest_colour(_disc((234, 90, 25))) == "orange" and toy.nearest_colour(_disc((220, 30, 30))) == "red"
+    assert toy.nearest_colour(np.full((32, 32, 3), 255, np.uint8)) is None
     assert toy.judge(np.full((32, 32, 3), 255, np.uint8)) == (None, None)
     bar = np.full((32, 32, 3), 255, np.uint8)
     bar[14:17, 2:30] = (30, 60, 220)
@@ -165,7 +169,7 @@ def test_erasure_summary_on_rendered_images():
              (toy.render("purple", it.shape, rng) if it.colour == "orange" else im) for it, im in zip(items, before)]
     res = M.erasure(items, before, after, ["red"])
     assert res["before"]["explicit"]["red"] == 1.0 and res["after"]["explicit"]["red"] == 0.0
-    assert res["after"]["implied"]["red"] == 0.0
+    assert res["after"]["implied"]["red"] == 0.0 and res["after_nearest"]["explicit"]["red"] == 0.0  # green is green
     assert res["preserved"]["orange"] == 0.0 and res["preserved_neighbours"] == 0.0
     assert res["preserved_others"] == 1.0 and res["preserved"]["blue"] == 1.0
     # what a person sees: red prompts now draw green, orange prompts purple, the others unchanged
@@ -173,6 +177,13 @@ def test_erasure_summary_on_rendered_images():
     assert res["drawn_after"]["orange"] == {"purple": 1.0} and res["drawn_after"]["blue"] == {"blue": 1.0}
     from utils.toy.cli import format_erasure
     assert "  red      green 100.0\n  orange   purple 100.0\n" in format_erasure(res)
+    # red prompts drawn crimson: no red to the judge, all red to the lenient reading, and the table says both
+    crimson = [_disc((199, 18, 80)) if it.colour == "red" else im for it, im in zip(items, before)]
+    res = M.erasure(items, before, crimson, ["red"])
+    assert res["after"]["explicit"]["red"] == 0.0 and res["after_nearest"]["explicit"]["red"] == 1.0
+    assert res["after_nearest"]["implied"]["red"] == 1.0 and res["preserved_others"] == 1.0
+    lenient = "red, lenient reading (nearest palette colour), explicit / paraphrase / implied: 100.0 / 100.0 / 100.0"
+    assert lenient in format_erasure(res)
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -7,7 +7,7 @@
 - measure.py   prompt sets with fixed seeds, base quality and erasure numbers
 - cli.py       python -m utils.toy {train,judge,quality,compare,panels,prompts}
 """
-from utils.toy.judge import OTHER, iou, judge, judge_features, preserved
+from utils.toy.judge import OTHER, iou, judge, judge_features, nearest_colour, preserved
 from utils.toy.language import (COLOUR_WORDS, COLOURS, HELD_OUT, OBJECTS, SHAPES, TEMPLATES, parse_prompt,
                                 prompt_sets, training_captions, vocabulary)
 from utils.toy.measure import (NEIGHBOURS, Item, draw, erasure, erasure_items, load_pipeline, quality, quality_items,
@@ -17,8 +17,8 @@ from utils.toy.train import DEFAULT_GUIDANCE, DEFAULT_STEPS, MODEL_MAX_LENGTH, b
 
 parse_caption = parse_prompt  # the name evaluate.py's toy scorer uses
 
-__all__ = ["OTHER", "iou", "judge", "judge_features", "preserved", "COLOUR_WORDS", "COLOURS", "HELD_OUT", "OBJECTS",
-           "SHAPES", "TEMPLATES", "parse_prompt", "prompt_sets", "training_captions", "vocabulary", "NEIGHBOURS", "Item",
-           "draw", "erasure", "erasure_items", "load_pipeline", "quality", "quality_items", "sample_images",
-           "write_items", "RESOLUTION", "make_dataset", "render", "DEFAULT_GUIDANCE", "DEFAULT_STEPS",
-           "MODEL_MAX_LENGTH", "build_models", "make_scheduler", "parse_caption"]
+__all__ = ["OTHER", "iou", "judge", "judge_features", "nearest_colour", "preserved", "COLOUR_WORDS", "COLOURS",
+           "HELD_OUT", "OBJECTS", "SHAPES", "TEMPLATES", "parse_prompt", "prompt_sets", "training_captions",
+           "vocabulary", "NEIGHBOURS", "Item", "draw", "erasure", "erasure_items", "load_pipeline", "quality",
+           "quality_items", "sample_images", "write_items", "RESOLUTION", "make_dataset", "render",
+           "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "MODEL_MAX_LENGTH", "build_models", "make_scheduler", "parse_caption"]

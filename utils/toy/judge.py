@@ -4,7 +4,8 @@ Colour: the median colour of the blob's interior (its edge pixels blend with the
 when it lies within COLOUR_RADIUS of that palette colour (RGB distance); anything else is "other", so an orange
 drawn for a yellow prompt is not counted as yellow. Shape: the fill ratio of the blob's bounding box (square 1,
 circle pi/4, triangle 1/2). Preservation: the same prompt and seed drawn by two models gives the same colour and
-shape, and the two blobs overlap (IoU >= IOU_PRESERVED).
+shape, and the two blobs overlap (IoU >= IOU_PRESERVED). nearest_colour() is the lenient reading (the nearest palette
+colour at any distance), an upper bound of how often an erased colour still shows.
 """
 from __future__ import annotations
 
@@ -84,11 +85,24 @@ def judge_features(image: Image.Image | np.ndarray) -> dict | None:
                 rgb=np.median(colour_pixels.astype(np.float64), axis=0), blobs=len(blobs))
 
 
-def colour_class(rgb: np.ndarray) -> str:
-    """The palette colour within COLOUR_RADIUS of `rgb`, else "other"."""
+def _nearest(rgb: np.ndarray) -> tuple[str, float]:
+    """The palette colour nearest `rgb` and its RGB distance."""
     d = np.sqrt(((_PALETTE - np.asarray(rgb, dtype=np.float64)) ** 2).sum(axis=1))
     i = int(np.argmin(d))
-    return list(COLOURS)[i] if d[i] <= COLOUR_RADIUS else OTHER
+    return list(COLOURS)[i], float(d[i])
+
+
+def colour_class(rgb: np.ndarray) -> str:
+    """The palette colour within COLOUR_RADIUS of `rgb`, else "other"."""
+    name, dist = _nearest(rgb)
+    return name if dist <= COLOUR_RADIUS else OTHER
+
+
+def nearest_colour(image: Image.Image | np.ndarray) -> str | None:
+    """The palette colour nearest the main blob's colour at any distance (None: no blob). The lenient reading: a
+    crimson drawn for "red" is "other" to judge() but "red" here, so its rate bounds an erased colour's from above."""
+    f = judge_features(image)
+    return None if f is None else _nearest(f["rgb"])[0]
 
 
 def shape_class(f: dict) -> str | None:

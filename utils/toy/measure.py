@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from utils.cli import UserError, resolve_device
 from utils.saving import atomic_write_text
-from utils.toy.judge import OTHER, judge, preserved
+from utils.toy.judge import OTHER, judge, nearest_colour, preserved
 from utils.toy.language import (COLOUR_WORDS, COLOURS, OBJECT_TEMPLATES, OBJECTS, SHAPES, TEMPLATES, fill, objects_of,
                                 parse_prompt, prompt_sets, prompt_words)
 from utils.toy.train import DEFAULT_GUIDANCE, DEFAULT_STEPS
@@ -203,15 +203,16 @@ def _counts(colours: Sequence[str | None]) -> dict[str, int]:
 
 def erasure(items: Sequence[Item], before: Sequence[Image.Image], after: Sequence[Image.Image],
             concepts: Sequence[str]) -> dict:
-    """Rates of the erased colours per kind (before, after), preservation per kept colour, shape accuracy, and what
-    each asked colour's prompts are drawn as (before, after)."""
+    """Rates of the erased colours per kind (before, after, and after by the nearest palette colour: an upper bound),
+    preservation per kept colour, shape accuracy, and what each asked colour's prompts are drawn as (before, after)."""
     vb, va = [judge(im) for im in before], [judge(im) for im in after]
-    res: dict = {"concepts": list(concepts), "before": {}, "after": {}, "preserved": {}}
+    res: dict = {"concepts": list(concepts), "before": {}, "after": {}, "after_nearest": {}, "preserved": {}}
     for c in concepts:
         for kind in KINDS:
             idx = [i for i, it in enumerate(items) if it.colour == c and it.group == kind]
             res["before"].setdefault(kind, {})[c] = _rate([vb[i][0] == c for i in idx])
             res["after"].setdefault(kind, {})[c] = _rate([va[i][0] == c for i in idx])
+            res["after_nearest"].setdefault(kind, {})[c] = _rate([nearest_colour(after[i]) == c for i in idx])
     for c in dict.fromkeys(it.colour for it in items if it.group == "keep"):
         idx = [i for i, it in enumerate(items) if it.colour == c and it.group == "keep"]
         res["preserved"][c] = _rate([preserved(before[i], after[i]) for i in idx])
