@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The offline demo: erase the word "red" from the shipped toy model with ESD-x (eta 1, cross-attention),
+# The offline demo: erase the word "red" from the shipped toy model with ESD-x (eta 2, cross-attention),
 # then measure the result against the base model, seed for seed: how often red still shows on prompts that name it
 # (explicit), on held-out phrasings (paraphrase) and on objects that only imply it (implied: "an apple"), how much of
 # orange (red's neighbour) and of the other colours is preserved, shape accuracy and training time; and
@@ -29,7 +29,7 @@ else
     --learning_rate 1e-4 \
     --num_ddim_steps 20 \
     --guidance_scale 3.0 \
-    --negative_guidance 1.0 \
+    --negative_guidance 2.0 \
     --concept_method sequential \
     --checkpointing_steps 50 \
     --resume_from_checkpoint latest \

@@ -19,7 +19,7 @@ def esd_run(tmp_path_factory, one_thread) -> Path:
     return train_esd.main(train_esd.parse_args([
         "--pretrained_model_name_or_path", str(TOY), "--removing_concepts", "red", "--num_train_steps", "150",
         "--train_batch_size", "4", "--learning_rate", "1e-4", "--num_ddim_steps", "20", "--guidance_scale", "3",
-        "--negative_guidance", "1", "--checkpointing_steps", "75", "--seed", "0", "--device", "cpu",
+        "--negative_guidance", "2", "--checkpointing_steps", "75", "--seed", "0", "--device", "cpu",
         "--threads", "1", "--output_dir", str(tmp_path_factory.mktemp("esd") / "esd")]))
 
 
