@@ -5,6 +5,7 @@ e_0 = e*(z_t, t, "") and e_c = e*(z_t, t, c), and the student is trained towards
     L = || e_student(z_t, t, c) - (e_0 - eta (e_c - e_0)) ||^2.
 --finetuning_method xattn is ESD-x, noxattn is ESD-u. The defaults are the SDD paper's ESD baseline as its
 reference code trains it: eta 3, AdamW (lr 1e-5, weight decay 1e-4), gradient norm clipped at 1.0, 1000 steps.
+With several concepts, each may have its own eta (--negative_guidance 2 1.5: one value per concept, in order).
 
     python train_esd.py --removing_concepts nudity --output_dir outputs/esd-nudity
 """
@@ -31,16 +32,17 @@ class ESD:
         self.original = snapshot(setup.subset)  # frozen starting values of the trained tensors only
         self.sampler = None
         self.result = self.student
-        self.eta = setup.args.negative_guidance
+        etas = setup.args.negative_guidance  # one eta, or one per concept (checked by check_run_args)
+        self.eta, self.etas = etas[0], dict(zip(setup.concepts, etas)) if len(etas) > 1 else {}
 
     def loss(self, unet: torch.nn.Module, b: Batch) -> torch.Tensor:
         """mean((e_student(z, t, c) - (e_0 - eta (e_c - e_0)))^2), e_0 and e_c from the frozen original."""
-        n = len(b.z)
+        n, eta = len(b.z), self.etas.get(b.concept, self.eta)
         with torch.no_grad():
             emb = torch.cat([b.c_0.expand(n, -1, -1), b.c_p.expand(n, -1, -1)])
             t = b.t.repeat(2) if b.t.ndim else b.t
             e_0, e_c = call(unet, self.original, torch.cat([b.z, b.z]), t, encoder_hidden_states=emb).sample.chunk(2)
-            target = e_0.float() - self.eta * (e_c.float() - e_0.float())
+            target = e_0.float() - eta * (e_c.float() - e_0.float())
         e_s = call(unet, None, b.z, b.t, encoder_hidden_states=b.c_p.expand(n, -1, -1)).sample
         return torch.mean((e_s.float() - target) ** 2)
 
@@ -64,9 +66,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_training_args(p, num_train_steps=1000, weight_decay=1e-4, max_grad_norm=1.0, output_dir="outputs/esd")
     g = p.add_argument_group("ESD")
-    g.add_argument("--negative_guidance", "--concept_scale", type=float, default=3.0,
-                   help="eta: strength of the negative guidance (3: the SDD paper's ESD-x-3 / ESD-u-3 baselines); "
-                        "--concept_scale is the reference code's name")
+    g.add_argument("--negative_guidance", "--concept_scale", type=float, nargs="+", default=[3.0], metavar="ETA",
+                   help="eta: strength of the negative guidance, one value or one per concept in --removing_concepts "
+                        "order (3: the SDD paper's ESD-x-3 / ESD-u-3 baselines); --concept_scale is the reference "
+                        "code's name")
     p.set_defaults(method="esd")
     return p.parse_args(argv)
 

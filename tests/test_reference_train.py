@@ -79,4 +79,4 @@ def test_reference_flag_names_are_aliases_of_ours():
         assert mod.parse_args(base).mixed_precision == "no"
         assert mod.parse_args([*base, "--num_images_per_prompt", "4"]).num_validation_images == 4
         assert mod.parse_args([*base, "--eval_every", "100"]).validation_steps == 100
-    assert train_esd.parse_args([*base, "--concept_scale", "2.5"]).negative_guidance == 2.5
+    assert train_esd.parse_args([*base, "--concept_scale", "2.5"]).negative_guidance == [2.5]

@@ -18,7 +18,7 @@ from utils.concepts import concept_schedule
 from utils.params import FINETUNING_METHODS, trainable_parameters
 from utils.sampling import TrajectoryQueue, partial_trajectory, trajectory_points
 from utils.tiny import tiny_unet
-from utils.trainer import Setup
+from utils.trainer import Batch, Setup
 from utils.views import call, ema_update, snapshot
 
 
@@ -215,6 +215,33 @@ def test_concept_steps_give_each_concept_its_own_steps(tiny_pipeline, tmp_path):
                          (["--concept_method", "sequential", "--concept_steps", "3"], "1 counts for 2 concepts"),
                          (["--concept_method", "sequential", "--concept_steps", "2", "2"], "pass --num_train_steps 4"),
                          (["--concept_method", "sequential", "--concept_steps", "3", "0"], ">= 1")]:
+        with pytest.raises(UserError, match=match):
+            train_esd.main(esd_args(tiny_pipeline, tmp_path / "bad", *extra))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_esd_gives_each_concept_its_own_eta():
+    """At the start the student is the original, so e_s = e_c and the loss is (1 + eta)^2 mean((e_c - e_0)^2):
+    with etas 2 and 0.5 the two concepts' losses on the same z_t differ by (3 / 1.5)^2 = 4."""
+    torch.manual_seed(0)
+    unet = tiny_unet()
+    args = train_esd.parse_args(["--removing_concepts", "a", "b", "--negative_guidance", "2", "0.5"])
+    esd = train_esd.ESD(Setup(unet, trainable_parameters(unet, "xattn"), args, ["a", "b"]))
+    z, t, c_0, c = torch.randn(2, 4, 8, 8), torch.tensor(500), torch.randn(1, 5, 32), torch.randn(1, 5, 32)
+    with torch.no_grad():
+        loss = {k: esd.loss(unet, Batch(z, t, 0, c_0, c, c, k)).item() for k in ("a", "b", "joined")}
+    assert loss["a"] == pytest.approx(4 * loss["b"], rel=1e-4)
+    assert loss["joined"] == pytest.approx(loss["a"], rel=1e-6)  # a prompt that is no one concept: the first eta
+    single = train_esd.ESD(Setup(unet, trainable_parameters(unet, "xattn"),
+                                 train_esd.parse_args(["--removing_concepts", "a", "b", "--negative_guidance", "0.5"]),
+                                 ["a", "b"]))
+    with torch.no_grad():
+        assert single.loss(unet, Batch(z, t, 0, c_0, c, c, "a")).item() == pytest.approx(loss["b"], rel=1e-6)
+
+
+def test_per_concept_eta_must_fit_the_concepts(tiny_pipeline, tmp_path):
+    for extra, match in [(["--negative_guidance", "2", "1", "1"], "3 values for 2 concepts"),
+                         (["--negative_guidance", "2", "1", "--concept_method", "composite"], "not --concept_method composite")]:
         with pytest.raises(UserError, match=match):
             train_esd.main(esd_args(tiny_pipeline, tmp_path / "bad", *extra))
     assert not (tmp_path / "bad").exists()

@@ -17,7 +17,7 @@ import torch
 import train_esd
 import train_sdd
 from train_util import FAST, esd_args, final_weights, sd_args
-from utils.cli import UserError
+from utils.cli import UserError, same_flag_value
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,6 +95,12 @@ def test_resume_names_a_checkpoint_in_the_output_dir_and_not_one_past_the_end(ti
     # as in the diffusers examples, a bare checkpoint name is looked up in --output_dir
     train_sdd.main(sd_args(tiny_pipeline, part, "--resume_from_checkpoint", "checkpoint-1"))
     assert f"resumed from {part / 'checkpoint-1'} at step 1" in (part / "train.log").read_text()
+
+
+def test_a_number_saved_before_a_flag_took_one_value_per_concept_is_the_same_run_as_its_list():
+    """A checkpoint from before --negative_guidance took a value per concept saved 2.0; the flag now parses to [2.0]."""
+    assert same_flag_value(2.0, [2.0]) and same_flag_value([2.0], 2.0)
+    assert not same_flag_value(2.0, [2.0, 1.5]) and not same_flag_value([1.5], 2.0)
 
 
 def test_a_signal_while_validating_saves_a_checkpoint_and_one_while_finishing_waits(tiny_pipeline, tmp_path,

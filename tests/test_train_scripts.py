@@ -52,11 +52,11 @@ def test_esd_script_is_the_papers_esd_x_3_and_appending_noxattn_gives_esd_u_3():
     x = script_args("run_esd_nudity.sh")
     u = script_args("run_esd_nudity.sh", "--finetuning_method", "noxattn")
     for args in (x, u):  # the reference code's ESD: eta 3, AdamW with weight decay 1e-4, clipping at 1.0
-        assert (args.negative_guidance, args.weight_decay, args.max_grad_norm) == (3.0, 1e-4, 1.0)
+        assert (args.negative_guidance, args.weight_decay, args.max_grad_norm) == ([3.0], 1e-4, 1.0)
         assert (args.learning_rate, args.num_train_steps, args.guidance_scale) == (1e-5, 1000, 3.0)
     assert x.finetuning_method == "xattn" and u.finetuning_method == "noxattn"
     defaults = train_esd.parse_args(["--removing_concepts", "x"])  # the script's values are also train_esd's defaults
-    assert (defaults.negative_guidance, defaults.weight_decay, defaults.max_grad_norm) == (3.0, 1e-4, 1.0)
+    assert (defaults.negative_guidance, defaults.weight_decay, defaults.max_grad_norm) == ([3.0], 1e-4, 1.0)
 
 
 @pytest.mark.parametrize("script", ["run_sdd_nudity.sh", "run_esd_nudity.sh"])

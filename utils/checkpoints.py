@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.cli import Stopped, UserError, same_flag_value
-from utils.concepts import concept_steps_problem
+from utils.concepts import concept_steps_problem, per_concept_problem
 from utils.sampling import TrajectoryQueue
 from utils.saving import atomic_dir
 from utils.text import read_word_list
@@ -69,6 +69,9 @@ def check_run_args(args: argparse.Namespace) -> tuple[list[str], list[str], Path
     val_prompts = read_word_list(args.validation_prompts, "validation prompts") if args.validation_prompts else []
     if args.concept_steps and (problem := concept_steps_problem(args.concept_steps, concepts, args.concept_method,
                                                                  args.num_train_steps)):
+        raise UserError(problem)
+    if getattr(args, "negative_guidance", None) and (problem := per_concept_problem(
+            args.negative_guidance, concepts, args.concept_method, "--negative_guidance")):
         raise UserError(problem)
     if not 1 <= args.trajectory_samples <= args.num_ddim_steps:
         raise UserError(f"--trajectory_samples must be in [1, --num_ddim_steps], got {args.trajectory_samples}")

@@ -141,8 +141,12 @@ def apply_threads(n: int, device: torch.device) -> int:
 
 
 def same_flag_value(a: Any, b: Any) -> bool:
-    """Equal flag values; two spellings of one existing local path ('./assets/x', 'assets/x/') count as equal."""
+    """Equal flag values; two spellings of one existing local path ('./assets/x', 'assets/x/') count as equal, and so
+    do a number and a list of just that number (a flag that became one value per concept)."""
     if a == b:
         return True
+    if isinstance(a, list) != isinstance(b, list):
+        one, other = (a, b) if isinstance(a, list) else (b, a)
+        return len(one) == 1 and one[0] == other
     return (isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b)
             and os.path.samefile(a, b))

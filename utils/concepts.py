@@ -29,6 +29,18 @@ def concept_steps_problem(steps: Sequence[int], concepts: Sequence[str], method:
     return None
 
 
+def per_concept_problem(values: Sequence[float], concepts: Sequence[str], method: str, flag: str) -> str | None:
+    """Why a flag's values (one for all concepts, or one per concept) do not fit the run; None when they do."""
+    if len(values) == 1:
+        return None
+    if len(values) != len(concepts):
+        return f"{flag} has {len(values)} values for {len(concepts)} concepts {list(concepts)}; give one, or one each"
+    if method == "composite":
+        return f"{flag} with one value per concept needs one concept a step (iterative, random or sequential), " \
+               f"not --concept_method composite"
+    return None
+
+
 def concept_schedule(concepts: Sequence[str], method: str, num_steps: int, seed: int,
                      steps: Sequence[int] | None = None) -> list[str]:
     """c_p for every step: cycle through C, draw at random (seeded), use the joined string, or C one after another

@@ -39,7 +39,7 @@ log = logging.getLogger("sdd")
 # ----------------------------------------------------------------------------------------------- methods
 @dataclass
 class Batch:
-    """What a method sees each micro-step: z_t at DDIM step k, its timestep and the cached embeddings."""
+    """What a method sees each micro-step: z_t at DDIM step k, its timestep, the cached embeddings and c_p's text."""
 
     z: torch.Tensor
     t: torch.Tensor
@@ -47,6 +47,7 @@ class Batch:
     c_0: torch.Tensor
     c_p: torch.Tensor
     c_s: torch.Tensor
+    concept: str = ""
 
 
 class Method(Protocol):
@@ -206,7 +207,8 @@ class Run:
                                  (args.train_batch_size, *self.latent_shape), self.device, self.embeds, sample_prompt,
                                  self.embeds[""], args.guidance_scale, st.generator)
         t = jitter_timestep(item["t"], self.parts.scheduler, st.generator) if args.timestep_jitter else item["t"]
-        batch = Batch(item["z"], t, item["k"], self.embeds[""], self.embeds[c_p], self.embeds[removal_prompt])
+        batch = Batch(item["z"], t, item["k"], self.embeds[""], self.embeds[c_p], self.embeds[removal_prompt],
+                      c_p)
         with self.autocast():
             loss = self.method.loss(self.unet, batch)
         if not torch.isfinite(loss):
