@@ -149,7 +149,9 @@ class ReferenceLayout:
             with torch.no_grad():
                 e_0 = self.frozen(z, t, encoder_hidden_states=c_0.expand(n, -1, -1)).sample
                 e_c = self.frozen(z, t, encoder_hidden_states=c_p_emb.expand(n, -1, -1)).sample
-                target = e_0 - a.negative_guidance * (e_c - e_0)
+                etas = a.negative_guidance  # one eta, or one per concept
+                eta = etas[self.concepts.index(c_p)] if len(etas) > 1 and c_p in self.concepts else etas[0]
+                target = e_0 - eta * (e_c - e_0)
             e_s = self.student(z, t, encoder_hidden_states=c_p_emb.expand(n, -1, -1)).sample
             loss = F.mse_loss(e_s, target)
         phases["text"] += t1 - t0

@@ -241,7 +241,8 @@ def test_esd_gives_each_concept_its_own_eta():
 
 def test_per_concept_eta_must_fit_the_concepts(tiny_pipeline, tmp_path):
     for extra, match in [(["--negative_guidance", "2", "1", "1"], "3 values for 2 concepts"),
-                         (["--negative_guidance", "2", "1", "--concept_method", "composite"], "not --concept_method composite")]:
+                         (["--negative_guidance", "2", "1", "--concept_method", "composite"],
+                          "not --concept_method composite")]:
         with pytest.raises(UserError, match=match):
             train_esd.main(esd_args(tiny_pipeline, tmp_path / "bad", *extra))
     assert not (tmp_path / "bad").exists()
