@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 import torch
 
 from utils.cli import ArgumentParser, HelpFormatter, run
+from utils.concepts import per_concept_value
 from utils.train_args import add_training_args
 from utils.trainer import Batch, Setup, train
 from utils.views import call, snapshot
@@ -32,12 +33,11 @@ class ESD:
         self.original = snapshot(setup.subset)  # frozen starting values of the trained tensors only
         self.sampler = None
         self.result = self.student
-        etas = setup.args.negative_guidance  # one eta, or one per concept (checked by check_run_args)
-        self.eta, self.etas = etas[0], dict(zip(setup.concepts, etas)) if len(etas) > 1 else {}
+        self.etas, self.concepts = setup.args.negative_guidance, setup.concepts  # one eta, or one per concept
 
     def loss(self, unet: torch.nn.Module, b: Batch) -> torch.Tensor:
         """mean((e_student(z, t, c) - (e_0 - eta (e_c - e_0)))^2), e_0 and e_c from the frozen original."""
-        n, eta = len(b.z), self.etas.get(b.concept, self.eta)
+        n, eta = len(b.z), per_concept_value(self.etas, self.concepts, b.concept)
         with torch.no_grad():
             emb = torch.cat([b.c_0.expand(n, -1, -1), b.c_p.expand(n, -1, -1)])
             t = b.t.repeat(2) if b.t.ndim else b.t

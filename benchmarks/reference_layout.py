@@ -32,7 +32,7 @@ from diffusers.optimization import get_scheduler
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from utils.cli import DTYPES, resolve_device
-from utils.concepts import concept_schedule, step_prompts
+from utils.concepts import concept_schedule, per_concept_value, step_prompts
 from utils.models import check_model_source, from_pretrained
 from utils.params import FINETUNING_METHODS
 from utils.sampling import jitter_timestep
@@ -149,8 +149,7 @@ class ReferenceLayout:
             with torch.no_grad():
                 e_0 = self.frozen(z, t, encoder_hidden_states=c_0.expand(n, -1, -1)).sample
                 e_c = self.frozen(z, t, encoder_hidden_states=c_p_emb.expand(n, -1, -1)).sample
-                etas = a.negative_guidance  # one eta, or one per concept
-                eta = etas[self.concepts.index(c_p)] if len(etas) > 1 and c_p in self.concepts else etas[0]
+                eta = per_concept_value(a.negative_guidance, self.concepts, c_p)  # one eta, or one per concept
                 target = e_0 - eta * (e_c - e_0)
             e_s = self.student(z, t, encoder_hidden_states=c_p_emb.expand(n, -1, -1)).sample
             loss = F.mse_loss(e_s, target)

@@ -41,6 +41,12 @@ def per_concept_problem(values: Sequence[float], concepts: Sequence[str], method
     return None
 
 
+def per_concept_value(values: Sequence[float], concepts: Sequence[str], concept: str) -> float:
+    """`concept`'s value when a flag has one per concept; the single value otherwise, and for a prompt that is no
+    one concept (the joined string)."""
+    return values[list(concepts).index(concept)] if len(values) > 1 and concept in concepts else values[0]
+
+
 def concept_schedule(concepts: Sequence[str], method: str, num_steps: int, seed: int,
                      steps: Sequence[int] | None = None) -> list[str]:
     """c_p for every step: cycle through C, draw at random (seeded), use the joined string, or C one after another

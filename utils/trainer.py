@@ -47,7 +47,7 @@ class Batch:
     c_0: torch.Tensor
     c_p: torch.Tensor
     c_s: torch.Tensor
-    concept: str = ""
+    concept: str
 
 
 class Method(Protocol):
