@@ -62,3 +62,24 @@ def reference(tiny_pipeline, prompt_csv, tmp_path_factory) -> Path:
     summary = generate(tiny_pipeline, prompt_csv, out, "--num_images_per_prompt", "2", "--batch_size", "4")
     assert summary["written"] == 8 and summary["skipped"] == 0
     return out
+
+
+# ---------------------------------------------------------------- slow tests: marked, and handed out first
+def pytest_configure(config) -> None:
+    """Registers `slow` and, under xdist, keeps the file order that pytest_collection_modifyitems sets."""
+    config.addinivalue_line("markers", "slow(minutes): a test that trains or draws for about `minutes` on one core "
+                            "(a quick loop: python -m pytest -m 'not slow')")
+    # `--dist loadfile` hands out whole files, by default those with the most tests first, which left the 2- and
+    # 4-minute files for the end of the run; the order below (slowest files first) is kept instead.
+    if getattr(config.option, "loadscopereorder", None) is not None:
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Files with slow tests first, the slowest first; within a file, and among the other files, the order is kept."""
+    minutes: dict[str, float] = {}
+    for item in items:
+        mark = item.get_closest_marker("slow")
+        cost = float(mark.kwargs.get("minutes", 1)) if mark else 0.0
+        minutes[item.fspath.strpath] = max(minutes.get(item.fspath.strpath, 0.0), cost)
+    items.sort(key=lambda item: -minutes[item.fspath.strpath])

@@ -237,6 +237,7 @@ def listing() -> tuple[list[str], list[str]]:
     return names(ROOT), names(ROOT / "outputs")
 
 
+@pytest.mark.slow(minutes=5)
 @pytest.mark.parametrize("page", [str(p.relative_to(ROOT)) for p in pages()])
 def test_every_command_of_the_page_works(page, project, tiny_pipeline, monkeypatch):
     """The page's commands in order; each failure names the page, line and command."""

@@ -10,7 +10,7 @@ import pytest
 import train_esd
 from toy_util import TOY, colour_rates, needs_toy
 
-pytestmark = needs_toy
+pytestmark = [needs_toy, pytest.mark.slow(minutes=1)]
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,12 @@
 pytest-xdist runs it beside test_toy_erasure.py's single-concept run)."""
 from __future__ import annotations
 
+import pytest
+
 import train_esd
 from toy_util import TOY, colour_rates, needs_toy
 
-pytestmark = needs_toy
+pytestmark = [needs_toy, pytest.mark.slow(minutes=2)]
 
 
 def test_esd_erases_blue_then_red_and_keeps_the_other_four(tmp_path, one_thread):

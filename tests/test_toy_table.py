@@ -60,6 +60,7 @@ def test_the_script_wants_an_output_folder():
     assert out.returncode == 2 and "usage: bash run_toy_table.sh OUT" in out.stderr
 
 
+@pytest.mark.slow(minutes=4.5)
 def test_quick_table_shape_sd_rate_and_resume(tmp_path, monkeypatch):
     T.check_model(MODEL)  # the shipped model speaks the toy world 2 language
     out = tmp_path / "table"
