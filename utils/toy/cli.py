@@ -223,11 +223,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser, n: int) -> None:
     add_threads_arg(p)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse `python -m utils.toy {train,judge,quality,compare,panels,prompts} ...`."""
-    parser = ArgumentParser(prog="python -m utils.toy", description=__doc__, formatter_class=HelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train_parser(sub) -> None:
+    """The `train` subcommand's flags: data, VAE, U-Net and text encoder, schedule, checkpoints."""
     p = sub.add_parser("train", help="render the data and train the toy pipeline (CPU, seeded)", formatter_class=HelpFormatter)
     p.add_argument("--output_dir", default="outputs/toy-sd",
                    help="where the pipeline, train_toy.log and checkpoints go (a stopped run there is resumed)")
@@ -256,6 +253,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_threads_arg(p)
     p.set_defaults(func=train)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse `python -m utils.toy {train,judge,quality,compare,panels,prompts} ...`."""
+    parser = ArgumentParser(prog="python -m utils.toy", description=__doc__, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_train_parser(sub)
 
     p = sub.add_parser("judge", help="accuracy of the judge on freshly rendered images", formatter_class=HelpFormatter)
     p.add_argument("--n", type=int, default=2400, help="rendered images")
