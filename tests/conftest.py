@@ -81,5 +81,5 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         mark = item.get_closest_marker("slow")
         cost = float(mark.kwargs.get("minutes", 1)) if mark else 0.0
-        minutes[item.fspath.strpath] = max(minutes.get(item.fspath.strpath, 0.0), cost)
-    items.sort(key=lambda item: -minutes[item.fspath.strpath])
+        minutes[str(item.path)] = max(minutes.get(str(item.path), 0.0), cost)
+    items.sort(key=lambda item: -minutes[str(item.path)])
