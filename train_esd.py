@@ -19,7 +19,7 @@ import torch
 from utils.cli import ArgumentParser, HelpFormatter, run
 from utils.concepts import per_concept_value
 from utils.train_args import add_training_args
-from utils.trainer import Batch, Setup, train
+from utils.trainer import Batch, Setup, output_mse, train
 from utils.views import call, snapshot
 
 
@@ -44,7 +44,7 @@ class ESD:
             e_0, e_c = call(unet, self.original, torch.cat([b.z, b.z]), t, encoder_hidden_states=emb).sample.chunk(2)
             target = e_0.float() - eta * (e_c.float() - e_0.float())
         e_s = call(unet, None, b.z, b.t, encoder_hidden_states=b.c_p.expand(n, -1, -1)).sample
-        return torch.mean((e_s.float() - target) ** 2)
+        return output_mse(e_s, target, b)
 
     def after_step(self) -> None:
         """Nothing: the original stays frozen."""

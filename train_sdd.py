@@ -18,7 +18,7 @@ import torch
 from utils.cli import ArgumentParser, HelpFormatter, run
 from utils.concepts import REMOVAL_TARGETS, SAMPLING_CONCEPTS
 from utils.train_args import add_training_args
-from utils.trainer import Batch, Setup, train
+from utils.trainer import Batch, Setup, output_mse, train
 from utils.views import call, ema_update, snapshot
 
 
@@ -41,7 +41,7 @@ class SDD:
         e_s = call(unet, None, b.z, b.t, encoder_hidden_states=b.c_s.expand(len(b.z), -1, -1)).sample
         with torch.no_grad():
             e_0 = call(unet, None, b.z, b.t, encoder_hidden_states=b.c_0.expand(len(b.z), -1, -1)).sample
-        return torch.mean((e_0.float() - e_s.float()) ** 2)
+        return output_mse(e_s, e_0, b)
 
     def after_step(self) -> None:
         """theta_teacher <- m theta_teacher + (1 - m) theta_student."""

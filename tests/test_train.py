@@ -18,7 +18,7 @@ from utils.concepts import concept_schedule
 from utils.params import FINETUNING_METHODS, trainable_parameters
 from utils.sampling import TrajectoryQueue, partial_trajectory, trajectory_points
 from utils.tiny import tiny_unet
-from utils.trainer import Batch, Setup
+from utils.trainer import Batch, Setup, epsilon_weight, output_mse
 from utils.views import call, ema_update, snapshot
 
 
@@ -191,6 +191,34 @@ def test_v_prediction_model_trains_and_samples(tiny_vpred_pipeline, tmp_path):
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe("a cat", num_inference_steps=2, output_type="np").images.shape[0] == 1
     assert moved(tiny_vpred_pipeline, tmp_path / "o")
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_loss_space_epsilon_is_the_squared_error_of_noise_estimates(kind):
+    """Two outputs at the same z_t, converted to eps by hand: the weighted output MSE equals their eps MSE."""
+    sched = DDIMScheduler(prediction_type=kind, rescale_betas_zero_snr=kind == "v_prediction")
+    torch.manual_seed(0)
+    z, out1, out2 = torch.randn(3, 2, 4, 8, 8).unbind(0)
+    t = torch.tensor([10, 700])
+    a = sched.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    to_eps = {"epsilon": lambda o: o, "v_prediction": lambda o: a.sqrt() * o + (1 - a).sqrt() * z,
+              "sample": lambda o: (z - a.sqrt() * o) / (1 - a).sqrt()}[kind]
+    weight = epsilon_weight(sched, t)
+    assert (weight is None) == (kind == "epsilon")
+    batch = Batch(z, t, 0, None, None, None, "c", weight)
+    want = torch.mean((to_eps(out1) - to_eps(out2)) ** 2)
+    assert output_mse(out1, out2, batch).item() == pytest.approx(want.item(), rel=1e-5)
+    if kind == "v_prediction":  # zero terminal SNR: at t = T every prompt's eps is z_T, nothing to learn
+        assert epsilon_weight(sched, torch.tensor([999])).item() == 0.0
+
+
+def test_loss_space_epsilon_trains_a_v_prediction_model(tiny_vpred_pipeline, tmp_path):
+    out = train_esd.main(esd_args(tiny_vpred_pipeline, tmp_path / "e", "--loss_space", "epsilon"))
+    plain = train_esd.main(esd_args(tiny_vpred_pipeline, tmp_path / "p"))
+    losses = [[line.split(" loss ")[1].split()[0] for line in (o / "train.log").read_text(encoding="utf-8").splitlines()
+               if " loss " in line] for o in (out, plain)]
+    assert losses[0] and len(losses[0]) == len(losses[1]) and losses[0] != losses[1]
+    assert moved(tiny_vpred_pipeline, out)
 
 
 def test_concept_schedules():

@@ -48,6 +48,32 @@ class Batch:
     c_p: torch.Tensor
     c_s: torch.Tensor
     concept: str
+    weight: torch.Tensor | None = None  # per-sample weight of the squared error (--loss_space epsilon)
+
+
+def output_mse(a: torch.Tensor, b: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean squared error of two U-Net outputs, weighted per sample when --loss_space epsilon asks for it."""
+    err = (a.float() - b.float()) ** 2
+    return torch.mean(err if batch.weight is None else batch.weight * err)
+
+
+def epsilon_weight(scheduler, t: torch.Tensor) -> torch.Tensor | None:
+    """Per-sample weight that turns a squared difference of U-Net outputs into one of noise estimates eps.
+
+    At equal z_t, eps = sqrt(a) v + sqrt(1 - a) z_t (v_prediction) and eps = (z_t - sqrt(a) x_0) / sqrt(1 - a)
+    (sample), a = alpha_bar_t, so a difference of outputs scales by sqrt(a), resp. sqrt(a / (1 - a)); None for an
+    epsilon U-Net, whose outputs are eps already.
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return None
+    a = scheduler.alphas_cumprod.to(t.device)[t.long()].float().reshape(-1, 1, 1, 1)
+    if kind == "v_prediction":
+        return a
+    if kind == "sample":
+        return a / (1 - a)
+    raise UserError(f"--loss_space epsilon: the scheduler's prediction_type {kind!r} is not epsilon, v_prediction "
+                    f"or sample")
 
 
 class Method(Protocol):
@@ -207,8 +233,9 @@ class Run:
                                  (args.train_batch_size, *self.latent_shape), self.device, self.embeds, sample_prompt,
                                  self.embeds[""], args.guidance_scale, st.generator)
         t = jitter_timestep(item["t"], self.parts.scheduler, st.generator) if args.timestep_jitter else item["t"]
+        weight = epsilon_weight(self.parts.scheduler, t) if args.loss_space == "epsilon" else None
         batch = Batch(item["z"], t, item["k"], self.embeds[""], self.embeds[c_p], self.embeds[removal_prompt],
-                      c_p)
+                      c_p, weight)
         with self.autocast():
             loss = self.method.loss(self.unet, batch)
         if not torch.isfinite(loss):
