@@ -51,9 +51,8 @@ def add_training_args(p: argparse.ArgumentParser, *, num_train_steps: int, weigh
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-steps per optimizer step")
     g.add_argument("--loss_space", choices=["output", "epsilon"], default=None,
                    help="'output' (or unset): the squared error of the U-Net's outputs, whatever its prediction_type; "
-                        "'epsilon': of "
-                        "the noise estimates, as the papers write the losses (the same for an epsilon U-Net; for a "
-                        "v_prediction one each timestep is weighted by alpha_bar_t)")
+                        "'epsilon': of the noise estimates, as the papers write the losses (the same for an epsilon "
+                        "U-Net; for a v_prediction one each timestep is weighted by alpha_bar_t)")
     add_adamw_args(g, learning_rate=1e-5, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
     g.add_argument("--resolution", type=int, default=None, help="image size of z_T (default: the model's own)")
     g.add_argument("--seed", type=int, default=0, help="seed of k, z_T, the concept order and validation")
