@@ -18,7 +18,7 @@ from utils.concepts import concept_schedule
 from utils.params import FINETUNING_METHODS, trainable_parameters
 from utils.sampling import TrajectoryQueue, partial_trajectory, trajectory_points
 from utils.tiny import tiny_unet
-from utils.trainer import Batch, Setup, epsilon_weight, output_mse
+from utils.trainer import Batch, Setup, epsilon_weights, output_mse
 from utils.views import call, ema_update, snapshot
 
 
@@ -203,13 +203,14 @@ def test_loss_space_epsilon_is_the_squared_error_of_noise_estimates(kind):
     a = sched.alphas_cumprod[t].reshape(-1, 1, 1, 1)
     to_eps = {"epsilon": lambda o: o, "v_prediction": lambda o: a.sqrt() * o + (1 - a).sqrt() * z,
               "sample": lambda o: (z - a.sqrt() * o) / (1 - a).sqrt()}[kind]
-    weight = epsilon_weight(sched, t)
+    table = epsilon_weights(sched)  # one weight per timestep, indexed by t as the trainer does
+    weight = None if table is None else table[t].reshape(-1, 1, 1, 1)
     assert (weight is None) == (kind == "epsilon")
     batch = Batch(z, t, 0, None, None, None, "c", weight)
     want = torch.mean((to_eps(out1) - to_eps(out2)) ** 2)
     assert output_mse(out1, out2, batch).item() == pytest.approx(want.item(), rel=1e-5)
     if kind == "v_prediction":  # zero terminal SNR: at t = T every prompt's eps is z_T, nothing to learn
-        assert epsilon_weight(sched, torch.tensor([999])).item() == 0.0
+        assert table[999].item() == 0.0
 
 
 def test_loss_space_epsilon_trains_a_v_prediction_model(tiny_vpred_pipeline, tmp_path):

@@ -57,8 +57,8 @@ def output_mse(a: torch.Tensor, b: torch.Tensor, batch: Batch) -> torch.Tensor:
     return torch.mean(err if batch.weight is None else batch.weight * err)
 
 
-def epsilon_weight(scheduler, t: torch.Tensor) -> torch.Tensor | None:
-    """Per-sample weight that turns a squared difference of U-Net outputs into one of noise estimates eps.
+def epsilon_weights(scheduler) -> torch.Tensor | None:
+    """Per-timestep weight that turns a squared difference of U-Net outputs into one of noise estimates eps.
 
     At equal z_t, eps = sqrt(a) v + sqrt(1 - a) z_t (v_prediction) and eps = (z_t - sqrt(a) x_0) / sqrt(1 - a)
     (sample), a = alpha_bar_t, so a difference of outputs scales by sqrt(a), resp. sqrt(a / (1 - a)); None for an
@@ -67,7 +67,7 @@ def epsilon_weight(scheduler, t: torch.Tensor) -> torch.Tensor | None:
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return None
-    a = scheduler.alphas_cumprod.to(t.device)[t.long()].float().reshape(-1, 1, 1, 1)
+    a = scheduler.alphas_cumprod.float()
     if kind == "v_prediction":
         return a
     if kind == "sample":
@@ -205,6 +205,9 @@ class Run:
         queue = TrajectoryQueue(args.num_ddim_steps, args.trajectory_samples, args.trajectory_reuse)
         self.state = TrainState(subset, self.method, optimizer, lr_scheduler, scaler, generator, queue)
         parts.scheduler.set_timesteps(args.num_ddim_steps, device=device)
+        # --loss_space epsilon: each timestep's weight, checked and moved to the device once
+        weights = epsilon_weights(parts.scheduler) if args.loss_space == "epsilon" else None
+        self.loss_weights = None if weights is None else weights.to(device)
 
     def autocast(self):
         """Autocast to the frozen weights' dtype (off in fp32)."""
@@ -233,7 +236,7 @@ class Run:
                                  (args.train_batch_size, *self.latent_shape), self.device, self.embeds, sample_prompt,
                                  self.embeds[""], args.guidance_scale, st.generator)
         t = jitter_timestep(item["t"], self.parts.scheduler, st.generator) if args.timestep_jitter else item["t"]
-        weight = epsilon_weight(self.parts.scheduler, t) if args.loss_space == "epsilon" else None
+        weight = None if self.loss_weights is None else self.loss_weights[t.long()].reshape(-1, 1, 1, 1)
         batch = Batch(item["z"], t, item["k"], self.embeds[""], self.embeds[c_p], self.embeds[removal_prompt],
                       c_p, weight)
         with self.autocast():
