@@ -133,8 +133,8 @@ def test_sweep_measures_the_checkpoints_from_measure_from(tmp_path, one_thread):
 
 
 def test_empty_mix_eta1_step_is_finite_at_zero_terminal_snr():
-    """diffusers' DDIM at eta 1 gives NaN from t = T - 1 of a zero-SNR schedule; empty_mix's bounded DDIM does not,
-    and on SD's schedule (the shipped model's) it is the same step."""
+    """empty_mix's bounded DDIM at eta 1 is finite from t = T - 1 of a zero-SNR schedule (diffusers' stock step may
+    give NaN there, depending on float rounding, so it is not asserted), and on SD's schedule it is the stock step."""
     import torch
     from diffusers import DDIMScheduler
 
@@ -142,7 +142,7 @@ def test_empty_mix_eta1_step_is_finite_at_zero_terminal_snr():
     from utils.toy.train import make_scheduler
 
     x, v = torch.randn(4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.ones(4, 4, 4)
-    for zero_snr, stock_finite in ((True, False), (False, True)):
+    for zero_snr in (True, False):
         config = make_scheduler("v_prediction" if zero_snr else "epsilon", zero_snr).config
         outs = []
         for cls in (DDIMScheduler, bounded_ddim()):
@@ -150,6 +150,6 @@ def test_empty_mix_eta1_step_is_finite_at_zero_terminal_snr():
             sched.set_timesteps(20)
             step = sched.step(v, sched.timesteps[0], x, eta=1.0, generator=torch.Generator().manual_seed(1))
             outs.append(step.prev_sample)
-        assert bool(torch.isfinite(outs[0]).all()) == stock_finite and torch.isfinite(outs[1]).all()
-        if stock_finite:
+        assert torch.isfinite(outs[1]).all()
+        if not zero_snr:
             assert torch.equal(outs[0], outs[1])
