@@ -32,17 +32,17 @@ from typing import Sequence
 import torch
 
 import generate
-from utils.attack import (DEFAULT_TEMPLATES, EMBEDDING_FILE, add_placeholder_tokens, attack_identity,
+from utils.attack.inversion import (DEFAULT_TEMPLATES, EMBEDDING_FILE, add_placeholder_tokens, attack_identity,
                           concept_token_ids, default_placeholder, fill, load_targets, placeholder_tokens, prepare, read_templates,
                           save_embedding, train_embedding)
-from utils.attack_score import METRICS, attack_grid, check_metric, concept_rate
+from utils.attack.score import METRICS, attack_grid, check_metric, concept_rate
 from utils.cli import (DTYPES, ArgumentParser, HelpFormatter, UserError, log_kept, resolve_device, run,
                        setup_logging)
 from utils.eval.common import load_image_folder
-from utils.models import load_sd_parts
+from utils.loading import load_sd_parts
 from utils.saving import atomic_write_text, load_unet_into
-from utils.checkpoints import check_same_run, list_checkpoints, resolve_resume
-from utils.optim import add_adamw_args
+from utils.train.checkpoints import check_same_run, list_checkpoints, resolve_resume
+from utils.train.optim import add_adamw_args
 
 SUMMARY, LOG = "attack_summary.json", "attack.log"
 

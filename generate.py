@@ -58,9 +58,9 @@ from tqdm.auto import tqdm
 from utils.cli import ArgumentParser, HelpFormatter, UserError, resolve_device, resolve_dtype, run, setup_logging
 from utils.images import save_png
 from utils.lora import check_lora_args
-from utils.image_folder import (ARGS, Job, MetadataShard, check_prompts, check_settings, guidance_batches,
+from utils.gen.image_folder import (ARGS, Job, MetadataShard, check_prompts, check_settings, guidance_batches,
                                 initial_latents, known_files, make_jobs, merge_metadata, metadata_row)
-from utils.pipelines import (OUR_DEFAULTS, SAMPLING_DEFAULTS, SemanticStableDiffusionPipeline, StableDiffusionPipeline,
+from utils.gen.pipelines import (OUR_DEFAULTS, SAMPLING_DEFAULTS, SemanticStableDiffusionPipeline, StableDiffusionPipeline,
                              StableDiffusionPipelineSafe, build_pipeline, call_defaults, default_image_dir,
                              default_safety_concept, load_embedding, load_parts, resolve_sampling)
 from utils.prompts import Prompt, fit_to_tokenizer, read_prompts

@@ -16,10 +16,10 @@ from typing import Mapping, Sequence
 import torch
 
 from utils.cli import ArgumentParser, HelpFormatter, run
-from utils.concepts import REMOVAL_TARGETS, SAMPLING_CONCEPTS
-from utils.train_args import add_training_args
-from utils.trainer import Batch, Setup, output_mse, train
-from utils.views import call, ema_update, snapshot
+from utils.train.concepts import REMOVAL_TARGETS, SAMPLING_CONCEPTS
+from utils.train.args import add_training_args
+from utils.train.loop import Batch, Setup, output_mse, train
+from utils.train.views import call, ema_update, snapshot
 
 
 class SDD:

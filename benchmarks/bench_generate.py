@@ -30,7 +30,7 @@ from diffusers import StableDiffusionPipeline  # noqa: E402
 
 from generate import main as generate_main, parse_args as generate_args  # noqa: E402
 from utils.cli import ArgumentParser, HelpFormatter, UserError, run  # noqa: E402
-from utils.pipelines import build_pipeline, load_parts  # noqa: E402
+from utils.gen.pipelines import build_pipeline, load_parts  # noqa: E402
 
 WORDS = ["a red circle", "a green square", "a blue triangle", "a yellow circle", "a red square", "a green triangle",
          "a blue circle", "a yellow square"]

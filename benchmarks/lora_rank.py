@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from utils.cli import (ArgumentParser, HelpFormatter, UserError, add_threads_arg, apply_threads,  # noqa: E402
                        resolve_device, run)
 from utils.lora import apply_loras, erasure_deltas, export_lora, lora_layers, rank_arg  # noqa: E402
-from utils.pipelines import quiet_diffusers  # noqa: E402
+from utils.gen.pipelines import quiet_diffusers  # noqa: E402
 from utils.eval.common import write_json  # noqa: E402
 from utils.saving import atomic_write_text  # noqa: E402
 from utils.toy import measure as M  # noqa: E402

@@ -32,10 +32,10 @@ from diffusers.optimization import get_scheduler
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from utils.cli import DTYPES, resolve_device
-from utils.concepts import concept_schedule, per_concept_value, step_prompts
-from utils.models import check_model_source, from_pretrained
+from utils.train.concepts import concept_schedule, per_concept_value, step_prompts
+from utils.loading import check_model_source, from_pretrained
 from utils.params import FINETUNING_METHODS
-from utils.sampling import jitter_timestep
+from utils.train.trajectory import jitter_timestep
 from utils.text import read_word_list
 
 GRADS = ("subset", "all")

@@ -1,7 +1,7 @@
 """Timing our trainer's steps from outside: a handler on its log lines, and a meter of step times and peak memory.
 
 The trainer logs "training starts at step ..." right before its first step and "step N loss ... k K ..." after each
-one (utils/trainer.py); the benchmarks hook a handler onto that logger instead of touching the training loop.
+one (utils/train/loop.py); the benchmarks hook a handler onto that logger instead of touching the training loop.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class StepWatcher(logging.Handler):
 @contextmanager
 def watching(handler: logging.Handler) -> Iterator[logging.Handler]:
     """Every trainer run started inside the block logs to `handler` as well."""
-    from utils import trainer
+    from utils.train import loop as trainer
 
     original = trainer.setup_logging
 

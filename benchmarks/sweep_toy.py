@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from utils.checkpoints import list_checkpoints  # noqa: E402
+from utils.train.checkpoints import list_checkpoints  # noqa: E402
 from utils.cli import (ArgumentParser, HelpFormatter, UserError, add_threads_arg, apply_threads, run,  # noqa: E402
                        same_flag_value)
 from utils.eval.common import write_json  # noqa: E402

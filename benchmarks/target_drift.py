@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from utils.cli import (ArgumentParser, HelpFormatter, UserError, add_threads_arg, apply_threads,  # noqa: E402
                        resolve_device, run)
 from utils.eval.common import write_json  # noqa: E402
-from utils.checkpoints import list_checkpoints  # noqa: E402
+from utils.train.checkpoints import list_checkpoints  # noqa: E402
 from utils.saving import load_unet_into, read_erasure, run_folder  # noqa: E402
 from utils.text import encode_text  # noqa: E402
 from utils.toy import measure as M  # noqa: E402

@@ -18,10 +18,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from attack import main, parse_args
-from utils.attack import (Inversion, add_placeholder_tokens, concept_token_ids, default_placeholder, denoising_loss,
+from utils.attack.inversion import (Inversion, add_placeholder_tokens, concept_token_ids, default_placeholder, denoising_loss,
                           load_targets, placeholder_tokens, prepare)
 from utils.cli import UserError
-from utils.models import load_sd_parts
+from utils.loading import load_sd_parts
 from utils.saving import save_erasure
 from utils.tiny import tiny_unet
 

@@ -16,7 +16,7 @@ import pytest
 from gen_util import STEPS, assert_same_images, generate, metadata, pixels, pngs
 from generate import MODES, main, parse_args
 from utils.cli import UserError
-from utils.pipelines import StableDiffusionPipelineSafe, call_defaults
+from utils.gen.pipelines import StableDiffusionPipelineSafe, call_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 

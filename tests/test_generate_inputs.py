@@ -15,7 +15,7 @@ from diffusers import UNet2DConditionModel
 from gen_util import STEPS, assert_same_images, generate, metadata, pixels, pngs
 from generate import main, parse_args
 from utils.cli import UserError
-from utils.pipelines import default_image_dir
+from utils.gen.pipelines import default_image_dir
 from utils.saving import save_erasure
 from utils.tiny import tiny_unet
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from utils.cli import UserError
-from utils.image_folder import make_jobs
+from utils.gen.image_folder import make_jobs
 from utils.prompts import fit_to_tokenizer, read_prompts
 from utils.tokenizer import write_clip_tokenizer
 

@@ -192,7 +192,7 @@ def test_few_steps_of_training_give_a_seeded_loadable_pipeline(tmp_path):
     from safetensors.torch import load_file
 
     from utils.cli import UserError
-    from utils.models import load_sd_parts
+    from utils.loading import load_sd_parts
     from utils.toy.cli import main, parse_args
 
     flags = ["--n_images", "48", "--vae_steps", "2", "--unet_steps", "3", "--vae_batch_size", "4",

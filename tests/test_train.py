@@ -14,12 +14,12 @@ import train_esd
 import train_sdd
 from train_util import esd_args, final_weights, moved, sd_args
 from utils.cli import UserError
-from utils.concepts import concept_schedule
+from utils.train.concepts import concept_schedule
 from utils.params import FINETUNING_METHODS, trainable_parameters
-from utils.sampling import TrajectoryQueue, partial_trajectory, trajectory_points
+from utils.train.trajectory import TrajectoryQueue, partial_trajectory, trajectory_points
 from utils.tiny import tiny_unet
-from utils.trainer import Batch, Setup, epsilon_weights, output_mse
-from utils.views import call, ema_update, snapshot
+from utils.train.loop import Batch, Setup, epsilon_weights, output_mse
+from utils.train.views import call, ema_update, snapshot
 
 
 @pytest.mark.parametrize("script", ["sdd", "esd"])
@@ -302,7 +302,7 @@ def test_mixed_precision_starts_from_unrounded_fp32_weights(tiny_pipeline, tmp_p
 
 
 def test_conv_autotune_matches_stock_kernels(tiny_pipeline, tmp_path):
-    from utils import convtune
+    from utils.train import convtune
     torch.manual_seed(0)
     conv, x = torch.nn.Conv2d(8, 16, 3, padding=1), torch.randn(2, 8, 6, 6, requires_grad=True)
     ref = conv(x)
@@ -326,7 +326,7 @@ def test_conv_autotune_matches_stock_kernels(tiny_pipeline, tmp_path):
 
 
 def test_sampling_prompt_and_removal_target_choices(capsys):
-    from utils.concepts import step_prompts
+    from utils.train.concepts import step_prompts
     c = ["nudity", "red circle"]
     assert step_prompts("nudity", c) == ("nudity", "nudity, red circle")            # paper: sample c_p, remove c_s
     assert step_prompts("nudity", c, "all", "current") == ("nudity, red circle", "nudity")  # reference code
@@ -356,7 +356,7 @@ def test_sampling_with_the_joined_string_samples_what_composite_samples(tiny_pip
 
 
 def test_timestep_jitter_draws_from_t_to_t_plus_stride_inside_the_schedule():
-    from utils.sampling import jitter_timestep
+    from utils.train.trajectory import jitter_timestep
     sched = DDIMScheduler(num_train_timesteps=1000, steps_offset=1)
     sched.set_timesteps(10)  # stride 100; timesteps 901, 801, ..., 1
     t = sched.timesteps.repeat_interleave(2000)

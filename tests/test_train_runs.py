@@ -106,7 +106,7 @@ def test_a_number_saved_before_a_flag_took_one_value_per_concept_is_the_same_run
 def test_a_signal_while_validating_saves_a_checkpoint_and_one_while_finishing_waits(tiny_pipeline, tmp_path,
                                                                                     monkeypatch):
     from utils.cli import Stopped
-    from utils.trainer import Run
+    from utils.train.loop import Run
 
     drawn = Run.validate
 
@@ -274,7 +274,7 @@ def test_a_finished_run_is_not_continued_without_overwrite(tiny_pipeline, tmp_pa
 
 def test_stop_on_signal_names_the_step_the_checkpoint_and_how_to_continue(tmp_path):
     """The one message the trainers and the attack end with when a signal stops them."""
-    from utils.checkpoints import StopOnSignal
+    from utils.train.checkpoints import StopOnSignal
 
     with StopOnSignal() as stop:
         os.kill(os.getpid(), signal.SIGTERM)  # handled: a flag, not an exit

@@ -70,7 +70,7 @@ def erasure_deltas(path: str | os.PathLike, base: str | None = None, revision: s
     """erased - base for every tensor of an erasure file, the base U-Net (erased weights applied) and the metadata."""
     from diffusers import UNet2DConditionModel  # local: `python -m utils.lora` refuses bad input before these load
 
-    from utils.models import check_model_source, from_pretrained
+    from utils.loading import check_model_source, from_pretrained
 
     tensors, meta = read_erasure(path)
     base = base or meta.get("base_model")

@@ -37,7 +37,7 @@ def load_clip(name: str, device: torch.device | str = "cpu"):
     """(model, tokenizer, image processor) from a hub id or a local save_pretrained folder; one-line errors."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    from utils.models import from_pretrained
+    from utils.loading import from_pretrained
 
     path = Path(name).expanduser()
     if not path.exists() and (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1):

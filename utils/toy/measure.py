@@ -50,7 +50,7 @@ class Item:
 def load_pipeline(model: str | os.PathLike, unet: str | os.PathLike | None = None, device: str | None = "cpu"):
     """A StableDiffusionPipeline from a local folder, its U-Net optionally replaced (U-Net folder, erasure file or
     training checkpoint folder)."""
-    from utils.pipelines import StableDiffusionPipeline, load_parts, quiet_diffusers  # without transformers' notices
+    from utils.gen.pipelines import StableDiffusionPipeline, load_parts, quiet_diffusers  # without transformers' notices
 
     parts = load_parts(str(model), None if unet is None else str(unet), torch.float32)
     with quiet_diffusers():

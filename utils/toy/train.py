@@ -26,7 +26,7 @@ from utils.saving import atomic_write, atomic_write_text
 from utils.toy.judge import judge
 from utils.toy.language import COLOURS, SHAPES, caption_distribution, vocabulary
 from utils.toy.render import RESOLUTION, make_dataset
-from utils.views import ema_update, snapshot
+from utils.train.views import ema_update, snapshot
 
 MODEL_MAX_LENGTH = 16
 DEFAULT_GUIDANCE = 5.0
@@ -216,7 +216,7 @@ def train_unet(text_encoder, unet, tokenizer, means: torch.Tensor, stds: torch.T
 
 def train(args: argparse.Namespace) -> Path:
     """Render the data set, train VAE then U-Net + text encoder, save the pipeline to args.output_dir."""
-    from utils.pipelines import SAMPLING_DEFAULTS, StableDiffusionPipeline  # imported without transformers' notices
+    from utils.gen.pipelines import SAMPLING_DEFAULTS, StableDiffusionPipeline  # imported without transformers' notices
 
     out = Path(args.output_dir)
     if (out / "model_index.json").is_file() and not args.overwrite:

@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 
 from utils.cli import UserError
 from utils.eval.common import load_image_folder, load_rgb
-from utils.models import SDParts, cast
+from utils.loading import SDParts, cast
 from utils.saving import atomic_write
 from utils.text import read_word_list
-from utils.optim import autocast_to, make_adamw
-from utils.checkpoints import NEUTRAL_FLAGS, StopOnSignal, prune_checkpoints, run_identity, write_checkpoint
+from utils.train.optim import autocast_to, make_adamw
+from utils.train.checkpoints import NEUTRAL_FLAGS, StopOnSignal, prune_checkpoints, run_identity, write_checkpoint
 
 log = logging.getLogger("sdd")
 # flags that only change how the attack is scored or how many images it draws, not the learned embedding

@@ -2,8 +2,8 @@
 
 A method (see train_sdd.py / train_esd.py) only says which weights sample z_t, what the loss is, what happens after
 an optimizer step and which weights are the result. Everything else lives here once: the shared flags in
-utils/train_args.py, checks, checkpoints, the same-run check on resume and signals in utils/checkpoints.py, and
-sampling in utils/sampling.py.
+utils/train/args.py, checks, checkpoints, the same-run check on resume and signals in utils/train/checkpoints.py, and
+sampling in utils/train/trajectory.py.
 """
 from __future__ import annotations
 
@@ -20,18 +20,18 @@ from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from utils.cli import DTYPES, UserError, apply_threads, resolve_device, setup_logging
-from utils.checkpoints import (StopOnSignal, TrainState, check_run_args, checkpoint_step, clear_run, load_checkpoint,
+from utils.train.checkpoints import (StopOnSignal, TrainState, check_run_args, checkpoint_step, clear_run, load_checkpoint,
                                save_checkpoint)
-from utils.concepts import concept_schedule, joined, step_prompts
-from utils.convtune import autotune_convolutions, choices
-from utils.models import cast, from_pretrained, load_sd_parts
-from utils.optim import autocast_to, make_adamw
+from utils.train.concepts import concept_schedule, joined, step_prompts
+from utils.train.convtune import autotune_convolutions, choices
+from utils.loading import cast, from_pretrained, load_sd_parts
+from utils.train.optim import autocast_to, make_adamw
 from utils.lora import describe_export, export_lora
 from utils.params import describe, trainable_parameters
-from utils.sampling import TrajectoryQueue, jitter_timestep, validation_grid
+from utils.train.trajectory import TrajectoryQueue, jitter_timestep, validation_grid
 from utils.saving import atomic_dir, atomic_write_text, save_erasure
 from utils.text import encode_once
-from utils.views import View, snapshot, swapped_in
+from utils.train.views import View, snapshot, swapped_in
 
 log = logging.getLogger("sdd")
 

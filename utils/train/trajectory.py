@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from utils.images import image_grid, save_png, to_pil
-from utils.views import View, call
+from utils.train.views import View, call
 
 
 def guided_noise(unet: torch.nn.Module, view: View | None, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,

@@ -17,8 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.cli import Stopped, UserError, same_flag_value
-from utils.concepts import concept_steps_problem, per_concept_problem
-from utils.sampling import TrajectoryQueue
+from utils.train.concepts import concept_steps_problem, per_concept_problem
+from utils.train.trajectory import TrajectoryQueue
 from utils.saving import atomic_dir
 from utils.text import read_word_list
 
@@ -41,7 +41,7 @@ class TrainState:
     """The live objects a checkpoint saves and restores."""
 
     subset: dict[str, torch.nn.Parameter]
-    method: Any                      # utils.trainer.Method: state_dict() / load_state_dict()
+    method: Any                      # utils.train.loop.Method: state_dict() / load_state_dict()
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     scaler: torch.amp.GradScaler

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 
 from utils.cli import add_threads_arg
-from utils.concepts import CONCEPT_METHODS
+from utils.train.concepts import CONCEPT_METHODS
 from utils.lora import rank_arg
-from utils.optim import add_adamw_args
+from utils.train.optim import add_adamw_args
 from utils.params import FINETUNING_METHODS
 
 

@@ -1,4 +1,4 @@
-"""generate.py's machinery: parts loaded once, pipelines built from them (its image folder: utils.image_folder)."""
+"""generate.py's machinery: parts loaded once, pipelines built from them (its image folder: utils.gen.image_folder)."""
 from __future__ import annotations
 
 import inspect
@@ -16,7 +16,7 @@ from transformers.utils import logging as transformers_logging
 
 from utils.cli import UserError
 from utils.lora import apply_loras
-from utils.models import check_model_source, from_pretrained, no_loading_bars
+from utils.loading import check_model_source, from_pretrained, no_loading_bars
 from utils.saving import load_unet_into
 
 SAMPLING_DEFAULTS = "sampling_defaults.json"  # a model folder's recommended sampling settings

@@ -1,0 +1,1 @@
+"""The concept-inversion attack: the embedding's training and its scoring."""

@@ -1,0 +1,1 @@
+"""Generation: pipelines and generate.py's image folders."""

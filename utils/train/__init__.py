@@ -1,0 +1,1 @@
+"""Training: the shared loop, its flags, checkpoints, trajectories, weight views."""
