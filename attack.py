@@ -39,7 +39,7 @@ from utils.attack.score import METRICS, attack_grid, check_metric, concept_rate
 from utils.cli import (DTYPES, ArgumentParser, HelpFormatter, UserError, log_kept, resolve_device, run,
                        setup_logging)
 from utils.eval.common import load_image_folder
-from utils.loading import load_sd_parts
+from utils.families import family_of
 from utils.saving import atomic_write_text, load_unet_into
 from utils.train.checkpoints import check_same_run, list_checkpoints, resolve_resume
 from utils.train.optim import add_adamw_args
@@ -133,7 +133,8 @@ def _check(args: argparse.Namespace) -> dict:
     if resume is not None and not args.overwrite_output_dir:
         check_same_run(resume, attack_identity(args))
     device = resolve_device(args.device)
-    parts = load_sd_parts(args.pretrained_model_name_or_path, args.revision, args.variant)
+    parts = family_of(args.pretrained_model_name_or_path).load(args.pretrained_model_name_or_path, args.revision,
+                                                                args.variant)
     if args.unet_path:
         load_unet_into(parts.unet, args.unet_path)
     concept_token_ids(parts.tokenizer, args.concept)

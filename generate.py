@@ -60,9 +60,10 @@ from utils.images import save_png
 from utils.lora import check_lora_args
 from utils.gen.image_folder import (ARGS, Job, MetadataShard, check_prompts, check_settings, guidance_batches,
                                 initial_latents, known_files, make_jobs, merge_metadata, metadata_row)
-from utils.gen.pipelines import (OUR_DEFAULTS, SAMPLING_DEFAULTS, SemanticStableDiffusionPipeline, StableDiffusionPipeline,
-                             StableDiffusionPipelineSafe, build_pipeline, call_defaults, default_image_dir,
-                             default_safety_concept, load_embedding, load_parts, resolve_sampling)
+from utils.families import family_of
+from utils.gen.pipelines import (OUR_DEFAULTS, SAMPLING_DEFAULTS, SemanticStableDiffusionPipeline, build_pipeline,
+                                 call_defaults, default_image_dir, default_safety_concept, load_embedding, load_parts,
+                                 resolve_sampling)
 from utils.prompts import Prompt, fit_to_tokenizer, read_prompts
 from utils.saving import atomic_write_text, weights_digest
 
@@ -71,9 +72,9 @@ BARRIER_HOURS = 72  # how long a process waits for the others at the end (torch'
 
 @dataclass
 class Mode:
-    """A --pipeline_type: pipeline class, --pipeline_config -> extra __call__ kwargs, attributes, default config."""
+    """A --pipeline_type: --pipeline_config -> extra __call__ kwargs, attributes, default config (the pipeline class
+    is the model family's: utils/families/)."""
 
-    pipeline: type
     configs: dict[str, Callable[[argparse.Namespace], dict[str, Any]]]
     attrs: Callable[[argparse.Namespace], dict[str, Any]] = field(default=lambda a: {})
     default: str | None = None  # None: the first config
@@ -90,15 +91,15 @@ class Mode:
 
 
 MODES: dict[str, Mode] = {
-    "sd": Mode(StableDiffusionPipeline, {
+    "sd": Mode({
         "none": lambda a: {},
         "neg": lambda a: {"negative_prompt": a.safety_concept}}, concept_configs=frozenset({"neg"})),
-    "sld": Mode(StableDiffusionPipelineSafe, {
+    "sld": Mode({
         "weak": lambda a: SafetyConfig.WEAK,
         "medium": lambda a: SafetyConfig.MEDIUM,
         "strong": lambda a: SafetyConfig.STRONG,
         "max": lambda a: SafetyConfig.MAX}, attrs=lambda a: {"safety_concept": a.safety_concept}, default="medium"),
-    "sega": Mode(SemanticStableDiffusionPipeline, {
+    "sega": Mode({
         "default": lambda a: {"editing_prompt": [a.safety_concept], "reverse_editing_direction": True,
                               "edit_guidance_scale": a.edit_guidance_scale, "edit_warmup_steps": a.edit_warmup_steps,
                               "edit_threshold": a.edit_threshold, "edit_momentum_scale": a.edit_momentum_scale,
@@ -229,7 +230,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     dtype = resolve_dtype(args.mixed_precision, device)
     parts = load_parts(args.pretrained_model_name_or_path, args.unet_path, dtype, args.revision, args.variant,
                        args.tokenizer_path, args.text_encoder_path, loras)
-    pipe = build_pipeline(mode.pipeline, parts, device)
+    pipe = build_pipeline(family_of(args.pretrained_model_name_or_path).pipeline(args.pipeline_type), parts, device)
     if args.textual_inversion:
         print(f"loaded token(s) {' '.join(load_embedding(pipe, args.textual_inversion))} from {args.textual_inversion}")
     args.safety_concept, cut = fit_to_tokenizer(pipe.tokenizer, args.safety_concept)  # as the prompts, for every mode

@@ -17,33 +17,48 @@ from typing import Mapping, Sequence
 import torch
 
 from utils.cli import ArgumentParser, HelpFormatter, run
-from utils.train.concepts import per_concept_value
+from utils.cli import UserError
+from utils.families import Cond
 from utils.train.args import add_training_args
+from utils.train.concepts import per_concept_problem, per_concept_value
 from utils.train.loop import Batch, Setup, output_mse, train
-from utils.train.views import call, snapshot
+from utils.train.views import snapshot
 
 
 class ESD:
     """The live student samples z_t; a frozen copy of the trained subset is the original model."""
 
     name = "esd"
+    neutral_flags = frozenset()
+
+    @classmethod
+    def check(cls, args: argparse.Namespace, concepts: list[str]) -> None:
+        """--negative_guidance: one eta, or one per concept with one concept a step."""
+        if problem := per_concept_problem(args.negative_guidance, concepts, args.concept_method,
+                                          "--negative_guidance"):
+            raise UserError(problem)
 
     def __init__(self, setup: Setup) -> None:
+        self.family = setup.family
         self.student = setup.subset
         self.original = snapshot(setup.subset)  # frozen starting values of the trained tensors only
         self.sampler = None
         self.result = self.student
         self.etas, self.concepts = setup.args.negative_guidance, setup.concepts  # one eta, or one per concept
 
+    def prompts(self, c_p: str) -> tuple[str, str]:
+        """z_t is sampled with the step's concept c, and c is the prompt trained."""
+        return c_p, c_p
+
     def loss(self, unet: torch.nn.Module, b: Batch) -> torch.Tensor:
         """mean((e_student(z, t, c) - (e_0 - eta (e_c - e_0)))^2), e_0 and e_c from the frozen original."""
         n, eta = len(b.z), per_concept_value(self.etas, self.concepts, b.concept)
         with torch.no_grad():
-            emb = torch.cat([b.c_0.expand(n, -1, -1), b.c_p.expand(n, -1, -1)])
+            cond = Cond.cat([b.c_0.expand(n), b.c_p.expand(n)])
             t = b.t.repeat(2) if b.t.ndim else b.t
-            e_0, e_c = call(unet, self.original, torch.cat([b.z, b.z]), t, encoder_hidden_states=emb).sample.chunk(2)
+            e_0, e_c = self.family.predict(unet, self.original, torch.cat([b.z, b.z]), t, cond).chunk(2)
             target = e_0.float() - eta * (e_c.float() - e_0.float())
-        e_s = call(unet, None, b.z, b.t, encoder_hidden_states=b.c_p.expand(n, -1, -1)).sample
+        e_s = self.family.predict(unet, None, b.z, b.t, b.c_p.expand(n))
         return output_mse(e_s, target, b)
 
     def after_step(self) -> None:

@@ -16,36 +16,53 @@ from typing import Mapping, Sequence
 import torch
 
 from utils.cli import ArgumentParser, HelpFormatter, run
-from utils.train.concepts import REMOVAL_TARGETS, SAMPLING_CONCEPTS
+from utils.cli import UserError
 from utils.train.args import add_training_args
+from utils.train.concepts import REMOVAL_TARGETS, SAMPLING_CONCEPTS, step_prompts
 from utils.train.loop import Batch, Setup, output_mse, train
-from utils.train.views import call, ema_update, snapshot
+from utils.train.views import snapshot
 
 
 class SDD:
     """EMA teacher samples z_t; the student's c_s estimate is pulled to its own unconditional one."""
 
     name = "sdd"
+    neutral_flags = frozenset({"eval_with"})
+
+    @classmethod
+    def check(cls, args: argparse.Namespace, concepts: list[str]) -> None:
+        """m must be a weight in [0, 1]."""
+        if not 0 <= args.ema_decay <= 1:
+            raise UserError(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
 
     def __init__(self, setup: Setup) -> None:
+        self.family, self.concepts = setup.family, setup.concepts
         self.student = setup.subset
         self.teacher = snapshot(setup.subset)  # EMA copies of the trained tensors only
         self.sampler = self.result = self.teacher
         self.decay = setup.args.ema_decay
         self.eval_with = setup.args.eval_with
+        self.sampling, self.removal = setup.args.sampling_concept, setup.args.removal_target
+
+    def prompts(self, c_p: str) -> tuple[str, str]:
+        """z_t from c_p's trajectory and c_s = all concepts joined (Alg. 1), or as --sampling_concept/--removal_target say."""
+        return step_prompts(c_p, self.concepts, self.sampling, self.removal)
 
     def loss(self, unet: torch.nn.Module, b: Batch) -> torch.Tensor:
         """mean((sg(e_0) - e_s)^2), e_0 = student(z_t, t, c_0), e_s = student(z_t, t, c_s)."""
         # e_s first: under autocast, torch before 2.10 reuses the low-precision weight copies cast by the first pass,
         # and copies cast under no_grad would leave e_s without a gradient
-        e_s = call(unet, None, b.z, b.t, encoder_hidden_states=b.c_s.expand(len(b.z), -1, -1)).sample
+        e_s = self.family.predict(unet, None, b.z, b.t, b.c_s.expand(len(b.z)))
         with torch.no_grad():
-            e_0 = call(unet, None, b.z, b.t, encoder_hidden_states=b.c_0.expand(len(b.z), -1, -1)).sample
+            e_0 = self.family.predict(unet, None, b.z, b.t, b.c_0.expand(len(b.z)))
         return output_mse(e_s, e_0, b)
 
     def after_step(self) -> None:
-        """theta_teacher <- m theta_teacher + (1 - m) theta_student."""
-        ema_update(self.teacher, self.student, self.decay)
+        """theta_teacher <- m theta_teacher + (1 - m) theta_student, one fused lerp over the trained tensors."""
+        with torch.no_grad():
+            names = list(self.teacher)
+            torch._foreach_lerp_([self.teacher[n] for n in names], [self.student[n].detach() for n in names],
+                                 1.0 - self.decay)
 
     def eval_views(self) -> dict:
         """Which weights validation samples with (--eval_with)."""

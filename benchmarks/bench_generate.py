@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def model_folder(name: str, scratch: Path, tiny_sample_size: int = 8) -> Path:
     """The pipeline folder for --model."""
     if name == "tiny":
-        from utils.tiny import build_tiny_pipeline
+        from utils.families.tiny import build_tiny_pipeline
 
         return build_tiny_pipeline(scratch / "tiny", sample_size=tiny_sample_size)
     path = ROOT / "assets" / "toy-sd" if name == "toy" else Path(name)

@@ -52,7 +52,7 @@ def prepare_model(model: str, model_dir: str | None, scratch: Path) -> Path:
     if (folder / "model_index.json").exists():
         return folder
     if model == "tiny":
-        from utils.tiny import build_tiny_pipeline
+        from utils.families.tiny import build_tiny_pipeline
         return build_tiny_pipeline(folder)
     print(f"building an SD-1.4-shaped pipeline with random weights in {folder} ...", flush=True)
     subprocess.run([sys.executable, "-m", "benchmarks.sd_shaped", str(folder)], cwd=ROOT, check=True)

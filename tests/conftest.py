@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from utils.tiny import build_tiny_pipeline  # noqa: E402
+from utils.families.tiny import build_tiny_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ from attack import main, parse_args
 from utils.attack.inversion import (Inversion, add_placeholder_tokens, concept_token_ids, default_placeholder, denoising_loss,
                           load_targets, placeholder_tokens, prepare)
 from utils.cli import UserError
-from utils.loading import load_sd_parts
+from utils.families import FAMILIES
 from utils.saving import save_erasure
-from utils.tiny import tiny_unet
+from utils.families.tiny import tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,7 +144,7 @@ def test_resume_matches_an_uninterrupted_run(attacked, tiny_pipeline, tmp_path):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_only_the_new_rows_learn(prediction_type, tiny_pipeline, tiny_vpred_pipeline):
     """One step of the denoising loss moves the learned rows and leaves every model weight as it was."""
-    parts = load_sd_parts(str(tiny_pipeline if prediction_type == "epsilon" else tiny_vpred_pipeline))
+    parts = FAMILIES["sd"].load(str(tiny_pipeline if prediction_type == "epsilon" else tiny_vpred_pipeline))
     before = {n: p.detach().clone() for n, p in parts.text_encoder.named_parameters()}
     tokens = placeholder_tokens("<x>", 2)
     new_ids = add_placeholder_tokens(parts.tokenizer, tokens)
@@ -169,7 +169,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_pipeline):
     """--gradient_checkpointing recomputes the U-Net's activations; the learned rows' gradient is unchanged."""
     grads = []
     for checkpointing in (False, True):
-        parts = load_sd_parts(str(tiny_pipeline))
+        parts = FAMILIES["sd"].load(str(tiny_pipeline))
         tokens = placeholder_tokens("<x>", 1)
         inv = prepare(parts, concept_token_ids(parts.tokenizer, "red"), tokens,
                       add_placeholder_tokens(parts.tokenizer, tokens), torch.device("cpu"), torch.float32, checkpointing)

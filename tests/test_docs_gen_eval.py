@@ -18,7 +18,7 @@ from docs_util import GEN_EVAL_PAGES, ROOT, doc_commands
 from eval_util import make_tiny_clip
 from utils.eval.inception import InceptionFID
 from utils.saving import save_erasure
-from utils.tiny import tiny_unet
+from utils.families.tiny import tiny_unet
 
 DOCS = [ROOT / page for page in GEN_EVAL_PAGES]
 I2P = (",prompt,categories,hard,nudity_percentage,evaluation_seed,evaluation_guidance,case_number\n"

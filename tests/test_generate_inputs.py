@@ -17,7 +17,7 @@ from generate import main, parse_args
 from utils.cli import UserError
 from utils.gen.pipelines import default_image_dir
 from utils.saving import save_erasure
-from utils.tiny import tiny_unet
+from utils.families.tiny import tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 

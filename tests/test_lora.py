@@ -21,9 +21,9 @@ import generate
 import train_esd
 from utils.cli import UserError
 from utils.lora import PREFIX, apply_loras, export_lora, low_rank, main as lora_main, parse_args as lora_args
-from utils.params import FINETUNING_METHODS
+from utils.families import FAMILIES
 from utils.saving import apply_erasure, save_erasure
-from utils.tiny import tiny_unet
+from utils.families.tiny import tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def make_erasure(base: Path, out: Path, method: str = "xattn", seed: int = 1, bi
     unet = unet or UNet2DConditionModel.from_pretrained(base / "unet")
     out.parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    pick = FINETUNING_METHODS[method]
+    pick = FAMILIES["sd"].SUBSETS[method]
     with torch.no_grad():
         trained = {n: p + 0.05 * torch.randn(p.shape, generator=gen) for n, p in unet.named_parameters()
                    if pick(n) and (biases or n.endswith(".weight") and p.ndim > 1)}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from generate import main, parse_args
-from utils.tiny import tiny_unet
+from utils.families.tiny import tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--num_inference_steps", "2", "--end", "2"]  # 2 steps, the first 2 prompts

@@ -192,7 +192,7 @@ def test_few_steps_of_training_give_a_seeded_loadable_pipeline(tmp_path):
     from safetensors.torch import load_file
 
     from utils.cli import UserError
-    from utils.loading import load_sd_parts
+    from utils.families import FAMILIES
     from utils.toy.cli import main, parse_args
 
     flags = ["--n_images", "48", "--vae_steps", "2", "--unet_steps", "3", "--vae_batch_size", "4",
@@ -214,7 +214,7 @@ def test_few_steps_of_training_give_a_seeded_loadable_pipeline(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
     assert isinstance(pipe.scheduler, DDIMScheduler)
     assert pipe.vae.config.scaling_factor != 0.18215  # set from the latents' std
-    assert load_sd_parts(str(out)).default_resolution == 32
+    assert FAMILIES["sd"].load(str(out)).default_resolution == 32
     pipe.set_progress_bar_config(disable=True)
     a = toy.sample_images(pipe, ["a red circle", "an apple", "a red circle"], [5, 6, 5], num_inference_steps=2,
                           batch_size=2)

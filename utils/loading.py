@@ -1,41 +1,17 @@
-"""Load a Stable Diffusion pipeline's parts from a hub id or a local folder, with one-line errors."""
+"""from_pretrained with one-line errors for hub ids and local folders, and casting without copies (any family)."""
 from __future__ import annotations
 
 import difflib
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
-from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
 from utils.cli import UserError
-
-
-@dataclass
-class SDParts:
-    """The parts of a Stable Diffusion checkpoint that training needs."""
-
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
-    vae: AutoencoderKL
-    unet: UNet2DConditionModel
-    scheduler: DDIMScheduler
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent cell (8 for SD)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def default_resolution(self) -> int:
-        """The resolution the U-Net was trained at (512 for SD 1.x)."""
-        return self.unet.config.sample_size * self.vae_scale_factor
 
 
 def _looks_local(name: str) -> bool:
@@ -89,20 +65,6 @@ def from_pretrained(cls, name: str, **kwargs):
         if path.exists():
             raise UserError(f"could not load {cls.__name__} from {name}: {str(e).splitlines()[0]}") from None
         raise UserError(_neither(name)) from None
-
-
-def load_sd_parts(name: str, revision: str | None = None, variant: str | None = None) -> SDParts:
-    """Tokenizer, text encoder, VAE, U-Net and a DDIM scheduler built from the checkpoint's scheduler config."""
-    check_model_source(name)
-    kw = dict(revision=revision)
-    tokenizer = from_pretrained(CLIPTokenizer, name, subfolder="tokenizer", **kw)
-    text_encoder = from_pretrained(CLIPTextModel, name, subfolder="text_encoder", variant=variant, **kw)
-    vae = from_pretrained(AutoencoderKL, name, subfolder="vae", variant=variant, **kw)
-    unet = from_pretrained(UNet2DConditionModel, name, subfolder="unet", variant=variant, **kw)
-    sched_config = DDIMScheduler.load_config(name, subfolder="scheduler", revision=revision) if Path(name).expanduser().exists() \
-        else from_pretrained(DDIMScheduler, name, subfolder="scheduler", **kw).config
-    scheduler = DDIMScheduler.from_config(sched_config)
-    return SDParts(tokenizer, text_encoder, vae, unet, scheduler)
 
 
 def cast(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -30,7 +30,7 @@ from utils.cli import ArgumentParser, HelpFormatter, UserError, resolve_device, 
 from utils.saving import apply_erasure, atomic_write, read_erasure
 
 LORA_FORMAT = "sdd-erasure-lora-v1"
-PREFIX = "lora_unet_"
+PREFIX = "lora_unet_"  # kohya's prefix of the denoiser's keys; files record theirs (key_prefix) from the family
 SAVE_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 log = logging.getLogger("sdd")
 
@@ -59,25 +59,24 @@ def energy_arg(text: str) -> float:
     return value
 
 
-def lora_key(module: str) -> str:
-    """kohya-style key of a U-Net module: lora_unet_ + its dotted path with '_'."""
-    return PREFIX + module.replace(".", "_")
+def lora_key(module: str, prefix: str = PREFIX) -> str:
+    """kohya-style key of a U-Net module: the family's prefix (lora_unet_) + its dotted path with '_'."""
+    return prefix + module.replace(".", "_")
 
 
 # ----------------------------------------------------------------------------------------------------- export
 def erasure_deltas(path: str | os.PathLike, base: str | None = None, revision: str | None = None,
                    variant: str | None = None) -> tuple[dict[str, torch.Tensor], torch.nn.Module, dict[str, str]]:
     """erased - base for every tensor of an erasure file, the base U-Net (erased weights applied) and the metadata."""
-    from diffusers import UNet2DConditionModel  # local: `python -m utils.lora` refuses bad input before these load
-
-    from utils.loading import check_model_source, from_pretrained
+    from utils.families import family_of  # local: `python -m utils.lora` refuses bad input before these load
+    from utils.loading import check_model_source
 
     tensors, meta = read_erasure(path)
     base = base or meta.get("base_model")
     if not base:
         raise UserError(f"{path} records no base_model; pass --pretrained_model_name_or_path")
     check_model_source(base)
-    unet = from_pretrained(UNet2DConditionModel, base, subfolder="unet", revision=revision, variant=variant)
+    unet = family_of(base).load_unet(base, revision=revision, variant=variant)
     params = dict(unet.named_parameters())
     before = {n: params[n].detach().float().clone() for n in tensors if n in params}
     apply_erasure(unet, path)  # checks every name and shape against this base
@@ -86,7 +85,7 @@ def erasure_deltas(path: str | os.PathLike, base: str | None = None, revision: s
     if size > 0.5:
         print(f"warning: the erasure changes the weights by {100 * size:.0f}% of their norm; is {base} the model it "
               f"was trained from?")
-    meta["base_model"] = base
+    meta["base_model"], meta["key_prefix"] = base, family_of(base).lora_prefix
     return deltas, unet, meta
 
 
@@ -154,12 +153,12 @@ def export_lora(erasure: str | os.PathLike, output: str | os.PathLike | None = N
         pairs[module], ranks[module] = (down.cpu(), up.cpu()), down.shape[0]
     if not pairs:
         raise UserError(f"{erasure} does not differ from {meta['base_model']}: every delta is zero")
-    alpha = max(ranks.values())
+    alpha, prefix = max(ranks.values()), meta["key_prefix"]
     tensors = {}
     for module, (down, up) in pairs.items():
-        tensors[lora_key(module) + ".lora_down.weight"] = down
-        tensors[lora_key(module) + ".lora_up.weight"] = up * (ranks[module] / alpha)
-        tensors[lora_key(module) + ".alpha"] = torch.tensor(float(alpha))
+        tensors[lora_key(module, prefix) + ".lora_down.weight"] = down
+        tensors[lora_key(module, prefix) + ".lora_up.weight"] = up * (ranks[module] / alpha)
+        tensors[lora_key(module, prefix) + ".alpha"] = torch.tensor(float(alpha))
     energy_of = {m: float(d.double().pow(2).sum()) for m, d in deltas.items()}
     total = sum(energy_of.values())
     layer_total = {m: energy_of[m + ".weight"] for m in pairs}
@@ -180,7 +179,7 @@ def export_lora(erasure: str | os.PathLike, output: str | os.PathLike | None = N
 
 def lora_metadata(summary: dict, erasure_meta: dict[str, str], info: dict[str, str]) -> dict[str, str]:
     """The LoRA file's metadata: `info`, the erasure's base model/method/concepts, ranks and retained energy."""
-    copied = ("base_model", "method", "finetuning_method", "concepts", "num_train_steps")
+    copied = ("base_model", "key_prefix", "method", "finetuning_method", "concepts", "num_train_steps")
     return {**info, **{k: erasure_meta[k] for k in copied if k in erasure_meta},
             "alpha": str(summary["alpha"]), "ranks": json.dumps(summary["ranks"]),
             "retained_energy": json.dumps({m: round(v, 6) for m, v in summary["retained"].items()}),
@@ -235,9 +234,10 @@ def check_lora_fits(path: str | os.PathLike, unet: torch.nn.Module) -> None:
         raise UserError(f"LoRA {path} is not a safetensors file ({str(e).splitlines()[0]})") from None
     if meta.get("format") != LORA_FORMAT:
         return  # someone else's LoRA: diffusers checks it
-    modules = dict(unet.named_modules())
+    modules, prefix = dict(unet.named_modules()), meta.get("key_prefix", PREFIX)
     for module in json.loads(meta["ranks"]):
-        down, up = shapes[lora_key(module) + ".lora_down.weight"], shapes[lora_key(module) + ".lora_up.weight"]
+        down = shapes[lora_key(module, prefix) + ".lora_down.weight"]
+        up = shapes[lora_key(module, prefix) + ".lora_up.weight"]
         want = (up[0], *down[1:])
         m = modules.get(module)
         have = tuple(m.weight.shape) if m is not None and hasattr(m, "weight") else None

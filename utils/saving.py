@@ -187,10 +187,8 @@ def load_unet_into(unet: torch.nn.Module, unet_path: str | os.PathLike) -> str:
         raise UserError(f"--unet_path {unet_path} is not a diffusers U-Net folder (config.json + "
                         f"diffusion_pytorch_model.safetensors), an erasure .safetensors file or a training "
                         f"checkpoint folder (state.pt)")
-    from diffusers import UNet2DConditionModel  # local: keeps this module light for the erasure-only path
-
-    try:
-        other = UNet2DConditionModel.from_pretrained(folder)
+    try:  # the base model's own U-Net class, whatever its family
+        other = type(unet).from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load the U-Net in {folder}: {str(e).splitlines()[0]}") from None
     mine, theirs = unet.state_dict(), other.state_dict()

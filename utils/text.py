@@ -1,10 +1,8 @@
-"""Concept and prompt lists from the command line, and text encoding done once."""
+"""Concept and prompt lists from the command line (encoding them is the model family's: utils/families/)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
-
-import torch
 
 from utils.cli import UserError
 
@@ -23,21 +21,3 @@ def read_word_list(values: Sequence[str] | None, what: str) -> list[str]:
     if not values:
         raise UserError(f"no {what} given")
     return [v.strip() for v in values]
-
-
-@torch.no_grad()
-def encode_text(tokenizer, text_encoder, prompts: Sequence[str], device: torch.device, batch_size: int = 32) -> torch.Tensor:
-    """Last hidden states of the CLIP text encoder, padded to the tokenizer's length, as the SD pipelines do."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        ids = tokenizer(list(prompts[i:i + batch_size]), padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        out.append(text_encoder(ids.to(text_encoder.device))[0].to(device))
-    return torch.cat(out)
-
-
-def encode_once(tokenizer, text_encoder, prompts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
-    """Embedding (1, L, D) for each distinct prompt, computed in one pass."""
-    unique = list(dict.fromkeys(prompts))
-    emb = encode_text(tokenizer, text_encoder, unique, device)
-    return {p: emb[i:i + 1] for i, p in enumerate(unique)}

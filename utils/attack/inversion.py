@@ -25,7 +25,9 @@ from tqdm.auto import tqdm
 
 from utils.cli import UserError
 from utils.eval.common import load_image_folder, load_rgb
-from utils.loading import SDParts, cast
+from utils.families import Cond, Family, family_of_parts
+from utils.families.sd import SDParts
+from utils.loading import cast
 from utils.saving import atomic_write
 from utils.text import read_word_list
 from utils.train.optim import autocast_to, make_adamw
@@ -144,6 +146,7 @@ def encode_targets(vae, pixels: torch.Tensor, device: torch.device, dtype: torch
 class Inversion:
     """The frozen model, the trained rows and what a step needs."""
 
+    family: Family
     parts: SDParts
     learned: torch.nn.Parameter          # (N, D): the only trained tensor
     frozen: torch.Tensor                 # the text encoder's (resized) embedding matrix
@@ -174,7 +177,7 @@ def prepare(parts: SDParts, concept_ids: Sequence[int], tokens: Sequence[str], n
         parts.unet.enable_gradient_checkpointing()
     frozen = emb.weight.detach()
     start = frozen[list(concept_ids)].mean(0, keepdim=True).repeat(len(tokens), 1)
-    return Inversion(parts, torch.nn.Parameter(start.clone()), frozen, weight_name,
+    return Inversion(family_of_parts(parts), parts, torch.nn.Parameter(start.clone()), frozen, weight_name,
                      torch.tensor(list(new_ids), device=device), list(tokens))
 
 
@@ -184,17 +187,11 @@ def denoising_loss(inv: Inversion, latents: torch.Tensor, captions: Sequence[str
     sched = inv.parts.scheduler
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=generator).to(latents.device)
-    noisy = sched.add_noise(latents, noise, t)
-    kind = sched.config.prediction_type
-    target = {"epsilon": noise, "sample": latents}.get(kind)
-    if target is None:
-        if kind != "v_prediction":
-            raise UserError(f"the scheduler's prediction_type {kind!r} is not epsilon, v_prediction or sample")
-        target = sched.get_velocity(latents, noise, t)
+    noisy, target = inv.family.noised(sched, latents, noise, t)
     unet = inv.parts.unet
-    cond = inv.encode(captions)
+    cond = Cond(inv.encode(captions)).to(unet.device, unet.dtype)
     with autocast():
-        pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
+        pred = inv.family.predict(unet, None, noisy.to(unet.dtype), t, cond)
     return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 

@@ -11,10 +11,10 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from diffusers.utils import logging as diffusers_logging
-from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
 from utils.cli import UserError
+from utils.families import FAMILIES, family_of
 from utils.lora import apply_loras
 from utils.loading import check_model_source, from_pretrained, no_loading_bars
 from utils.saving import load_unet_into
@@ -36,19 +36,9 @@ def quiet_diffusers() -> Iterator[None]:
         diffusers_logging.set_verbosity(old)
 
 
-def _import_pipelines() -> tuple[type, type, type]:
-    """diffusers' SD, SLD and SEGA pipelines, imported without transformers' notice (transformers 5 without
-    torchvision) that the image processors fall back to their PIL versions: we use no image processor."""
-    old = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        from diffusers import SemanticStableDiffusionPipeline, StableDiffusionPipeline, StableDiffusionPipelineSafe
-    finally:
-        transformers_logging.set_verbosity(old)
-    return StableDiffusionPipeline, StableDiffusionPipelineSafe, SemanticStableDiffusionPipeline
-
-
-StableDiffusionPipeline, StableDiffusionPipelineSafe, SemanticStableDiffusionPipeline = _import_pipelines()
+# SD 1.x/2.x's pipelines (SLD and SEGA exist for that family only); other families name theirs in utils/families/
+StableDiffusionPipeline, StableDiffusionPipelineSafe, SemanticStableDiffusionPipeline = (
+    FAMILIES["sd"].pipeline(m) for m in ("sd", "sld", "sega"))
 
 
 def default_safety_concept() -> str:
@@ -72,20 +62,15 @@ def load_parts(name: str, unet_path: str | None, dtype: torch.dtype, revision: s
     """The checkpoint's components (its own scheduler; no safety checker) with --unet_path's weights applied and
     the LoRAs applied, and the tokenizer / text encoder replaced by the given folders (the reference code's --tokenizer_path ...)."""
     check_model_source(name)
+    family = family_of(name)
     with quiet_diffusers():
-        base = from_pretrained(StableDiffusionPipeline, name, torch_dtype=dtype, revision=revision, variant=variant,
+        base = from_pretrained(family.pipeline("sd"), name, torch_dtype=dtype, revision=revision, variant=variant,
                                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if unet_path:
         load_unet_into(base.unet, unet_path)
     with quiet_diffusers():  # diffusers notes that the LoRAs hold nothing for the text encoder
         apply_loras(base, loras)
-    parts = base.components
-    for key, path, cls in (("tokenizer", tokenizer_path, CLIPTokenizer), ("text_encoder", text_encoder_path,
-                                                                          CLIPTextModel)):
-        if path:
-            if not Path(path).expanduser().is_dir():
-                raise UserError(f"--{key}_path {path} is not a folder")
-            parts[key] = from_pretrained(cls, path)
+    parts = {**base.components, **family.load_text(tokenizer_path, text_encoder_path)}
     if text_encoder_path:
         parts["text_encoder"].to(dtype)
     width, wanted = parts["text_encoder"].config.hidden_size, parts["unet"].config.cross_attention_dim

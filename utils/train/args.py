@@ -7,7 +7,7 @@ from utils.cli import add_threads_arg
 from utils.train.concepts import CONCEPT_METHODS
 from utils.lora import rank_arg
 from utils.train.optim import add_adamw_args
-from utils.params import FINETUNING_METHODS
+from utils.families import FINETUNING_METHODS
 
 
 class _DevicesAlias(argparse.Action):
@@ -44,7 +44,7 @@ def add_training_args(p: argparse.ArgumentParser, *, num_train_steps: int, weigh
                    help="train at a DDPM timestep drawn uniformly from [t, t + T/N) instead of t (reference code)")
     g = p.add_argument_group("optimization")
     g.add_argument("--finetuning_method", choices=list(FINETUNING_METHODS), default="xattn",
-                   help="which U-Net parameters train (see utils/params.py)")
+                   help="which U-Net parameters train: " + "; ".join(f"{k} = {v}" for k, v in FINETUNING_METHODS.items()))
     g.add_argument("--num_train_steps", "--max_train_steps", type=int, default=num_train_steps,
                    help="optimizer steps (--max_train_steps: the diffusers examples' name)")
     g.add_argument("--train_batch_size", type=int, default=1, help="z_T samples per micro-step")

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.cli import Stopped, UserError, same_flag_value
-from utils.train.concepts import concept_steps_problem, per_concept_problem
+from utils.train.concepts import concept_steps_problem
 from utils.train.trajectory import TrajectoryQueue
 from utils.saving import atomic_dir
 from utils.text import read_word_list
@@ -29,7 +29,7 @@ log = logging.getLogger("sdd")
 NEUTRAL_FLAGS = frozenset({
     "device", "threads", "gradient_checkpointing", "allow_tf32", "conv_autotune",
     "output_dir", "overwrite_output_dir", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
-    "validation_prompts", "validation_steps", "num_validation_images", "validation_guidance_scale", "eval_with",
+    "validation_prompts", "validation_steps", "num_validation_images", "validation_guidance_scale",
     "export_lora_rank",
 })
 # lr schedules whose value at step s does not depend on --num_train_steps (a run with them may be extended)
@@ -61,17 +61,16 @@ def checkpoint_step(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def check_run_args(args: argparse.Namespace) -> tuple[list[str], list[str], Path | None, dict]:
-    """Concepts, validation prompts, the checkpoint to resume and the run's identity; UserError before any write."""
+def check_run_args(args: argparse.Namespace, method) -> tuple[list[str], list[str], Path | None, dict]:
+    """Concepts, validation prompts, the checkpoint to resume and the run's identity; UserError before any write.
+
+    `method` (a utils.train.loop.Method class) checks its own flags and names those that do not define the run."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("training runs on one device; launch it without --num_processes > 1 (generate.py scales out)")
     concepts = read_word_list(args.removing_concepts, "concepts (--removing_concepts)")
     val_prompts = read_word_list(args.validation_prompts, "validation prompts") if args.validation_prompts else []
     if args.concept_steps and (problem := concept_steps_problem(args.concept_steps, concepts, args.concept_method,
                                                                  args.num_train_steps)):
-        raise UserError(problem)
-    if getattr(args, "negative_guidance", None) and (problem := per_concept_problem(
-            args.negative_guidance, concepts, args.concept_method, "--negative_guidance")):
         raise UserError(problem)
     if not 1 <= args.trajectory_samples <= args.num_ddim_steps:
         raise UserError(f"--trajectory_samples must be in [1, --num_ddim_steps], got {args.trajectory_samples}")
@@ -85,14 +84,13 @@ def check_run_args(args: argparse.Namespace) -> tuple[list[str], list[str], Path
     if (args.checkpoints_total_limit or 0) < 0:
         raise UserError(f"--checkpoints_total_limit must be >= 0 (0 or unset: keep all), got "
                         f"{args.checkpoints_total_limit}")
-    if not 0 <= getattr(args, "ema_decay", 0) <= 1:
-        raise UserError(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
+    method.check(args, concepts)
     resume = resolve_resume(args)
     if resume is not None and (checkpoint_step(resume) or 0) > args.num_train_steps:
         raise UserError(f"{resume} is past --num_train_steps {args.num_train_steps}; raise it or start a new "
                         f"--output_dir")
     check_output_dir(args, resume)
-    identity = run_identity(args, concepts)
+    identity = run_identity(args, concepts, NEUTRAL_FLAGS | method.neutral_flags)
     if resume is not None:
         check_same_run(resume, identity)
     return concepts, val_prompts, resume, identity

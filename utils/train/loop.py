@@ -1,9 +1,11 @@
 """The training loop shared by SDD and ESD: the method protocol, one Run (setup, step, finish), saving.
 
-A method (see train_sdd.py / train_esd.py) only says which weights sample z_t, what the loss is, what happens after
-an optimizer step and which weights are the result. Everything else lives here once: the shared flags in
-utils/train/args.py, checks, checkpoints, the same-run check on resume and signals in utils/train/checkpoints.py, and
-sampling in utils/train/trajectory.py.
+A method (see train_sdd.py / train_esd.py) owns its flags and checks, and says which prompts a step uses, which
+weights sample z_t, what the loss is, what happens after an optimizer step and which weights are the result; the
+loop reads none of its flags. Everything else lives here once: the shared flags in utils/train/args.py, checks,
+checkpoints, the same-run check on resume and signals in utils/train/checkpoints.py, trajectories in
+utils/train/trajectory.py, and what is specific to the model (encoders, the denoiser call, the scheduler step) in
+its family (utils/families/).
 """
 from __future__ import annotations
 
@@ -13,24 +15,22 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Protocol
+from typing import Mapping, Protocol
 
 import torch
-from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from utils.cli import DTYPES, UserError, apply_threads, resolve_device, setup_logging
-from utils.train.checkpoints import (StopOnSignal, TrainState, check_run_args, checkpoint_step, clear_run, load_checkpoint,
-                               save_checkpoint)
-from utils.train.concepts import concept_schedule, joined, step_prompts
-from utils.train.convtune import autotune_convolutions, choices
-from utils.loading import cast, from_pretrained, load_sd_parts
-from utils.train.optim import autocast_to, make_adamw
+from utils.families import Cond, Family, describe, family_of
 from utils.lora import describe_export, export_lora
-from utils.params import describe, trainable_parameters
-from utils.train.trajectory import TrajectoryQueue, jitter_timestep, validation_grid
+from utils.loading import cast
 from utils.saving import atomic_dir, atomic_write_text, save_erasure
-from utils.text import encode_once
+from utils.train.checkpoints import (StopOnSignal, TrainState, check_run_args, checkpoint_step, clear_run,
+                                     load_checkpoint, save_checkpoint)
+from utils.train.concepts import concept_schedule, joined
+from utils.train.convtune import autotune_convolutions, choices
+from utils.train.optim import autocast_to, make_adamw
+from utils.train.trajectory import TrajectoryQueue, validation_grid
 from utils.train.views import View, snapshot, swapped_in
 
 log = logging.getLogger("sdd")
@@ -44,9 +44,9 @@ class Batch:
     z: torch.Tensor
     t: torch.Tensor
     k: int
-    c_0: torch.Tensor
-    c_p: torch.Tensor
-    c_s: torch.Tensor
+    c_0: Cond
+    c_p: Cond
+    c_s: Cond
     concept: str
     weight: torch.Tensor | None = None  # per-sample weight of the squared error (--loss_space epsilon)
 
@@ -57,32 +57,17 @@ def output_mse(a: torch.Tensor, b: torch.Tensor, batch: Batch) -> torch.Tensor:
     return torch.mean(err if batch.weight is None else batch.weight * err)
 
 
-def epsilon_weights(scheduler) -> torch.Tensor | None:
-    """Per-timestep weight that turns a squared difference of U-Net outputs into one of noise estimates eps.
-
-    At equal z_t, eps = sqrt(a) v + sqrt(1 - a) z_t (v_prediction) and eps = (z_t - sqrt(a) x_0) / sqrt(1 - a)
-    (sample), a = alpha_bar_t, so a difference of outputs scales by sqrt(a), resp. sqrt(a / (1 - a)); None for an
-    epsilon U-Net, whose outputs are eps already.
-    """
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return None
-    a = scheduler.alphas_cumprod.float()
-    if kind == "v_prediction":
-        return a
-    if kind == "sample":
-        return a / (1 - a)
-    raise UserError(f"--loss_space epsilon: the scheduler's prediction_type {kind!r} is not epsilon, v_prediction "
-                    f"or sample")
-
-
 class Method(Protocol):
-    """The few lines in which SDD and ESD differ."""
+    """The few lines in which SDD and ESD differ (built with a Setup, after `check` passed)."""
 
     name: str
+    neutral_flags: frozenset[str]        # its flags that do not change what is learned (not checked on resume)
     sampler: View | None                 # weights that sample z_t (None: the live student)
     result: View                         # the weights saved at the end
 
+    @classmethod
+    def check(cls, args: argparse.Namespace, concepts: list[str]) -> None: ...  # UserError before any write
+    def prompts(self, c_p: str) -> tuple[str, str]: ...  # (prompt that samples z_t, prompt c_s) for concept c_p
     def loss(self, unet: torch.nn.Module, batch: Batch) -> torch.Tensor: ...
     def after_step(self) -> None: ...
     def eval_views(self) -> dict[str, View | None]: ...
@@ -94,19 +79,20 @@ class Method(Protocol):
 class Setup:
     """Everything a method needs to build itself."""
 
-    unet: UNet2DConditionModel
+    family: Family
+    unet: torch.nn.Module
     subset: dict[str, torch.nn.Parameter]
     args: argparse.Namespace
     concepts: list[str]
 
 
 # ----------------------------------------------------------------------------------------------- the loop
-def train(args: argparse.Namespace, make_method: Callable[[Setup], Method]) -> Path:
-    """Run one erasure: load, train `make_method`'s objective, save unet/ and erasure.safetensors; returns output_dir.
+def train(args: argparse.Namespace, method: type[Method]) -> Path:
+    """Run one erasure: load, train `method`'s objective, save unet/ and erasure.safetensors; returns output_dir.
 
     Stopped by SIGINT/SIGTERM it saves a checkpoint and raises utils.cli.Stopped (exit 130/143, the resume hint last).
     """
-    run = Run(args, make_method)
+    run = Run(args, method)
     bar = tqdm(total=args.num_train_steps, initial=run.step, desc=run.method.name, dynamic_ncols=True)
     run.logger.info("training starts at step %d of %d", run.step, args.num_train_steps)  # benchmarks time from here
     t_start = time.time()
@@ -132,9 +118,9 @@ def train(args: argparse.Namespace, make_method: Callable[[Setup], Method]) -> P
 class Run:
     """One training run's state: built by __init__ (checks, loading, optimizer, resume), advanced by train_step."""
 
-    def __init__(self, args: argparse.Namespace, make_method: Callable[[Setup], Method]) -> None:
+    def __init__(self, args: argparse.Namespace, method: type[Method]) -> None:
         self.args, self.out = args, Path(args.output_dir)
-        self.concepts, self.val_prompts, resume, self.identity = check_run_args(args)
+        self.concepts, self.val_prompts, resume, self.identity = check_run_args(args, method)
         self.device = resolve_device(args.device)
         self.dtype = DTYPES[args.mixed_precision]
         threads = apply_threads(args.threads, self.device)
@@ -142,8 +128,9 @@ class Run:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(args.seed)
-        self.parts = load_sd_parts(args.pretrained_model_name_or_path, args.revision, args.variant)
-        self.latent_shape = self._latent_shape()
+        self.family = family_of(args.pretrained_model_name_or_path)
+        self.parts = self.family.load(args.pretrained_model_name_or_path, args.revision, args.variant)
+        self.latent_shape = self.family.latent_shape(self.parts, args.resolution)
         if resume is None and args.overwrite_output_dir:  # the old run goes now, or its checkpoints mix with ours
             clear_run(self.out)
         self.logger = setup_logging(self.out, "train.log")
@@ -151,7 +138,7 @@ class Run:
             atomic_write_text(self.out / "args.json", json.dumps(vars(args), indent=2, default=str))
         self.logger.info("args %s", json.dumps(vars(args), default=str))
         self.logger.info("device %s, %d torch threads", self.device, threads)
-        self._prepare_model(make_method)
+        self._prepare_model(method)
         self.step, self.last_ckpt = 0, resume
         if resume is not None:
             self.step = load_checkpoint(resume, self.state, self.device)
@@ -163,32 +150,23 @@ class Run:
             self.logger.info("no checkpoint in %s: starting a new run", self.out)
         self._autotune()
 
-    def _latent_shape(self) -> tuple[int, int, int]:
-        parts, res = self.parts, self.args.resolution or self.parts.default_resolution
-        multiple = parts.vae_scale_factor * 2 ** (len(parts.unet.config.block_out_channels) - 1)
-        if res % multiple:
-            raise UserError(f"--resolution {res} is not divisible by {multiple} "
-                            f"(VAE factor {parts.vae_scale_factor} x U-Net downsampling)")
-        return parts.unet.config.in_channels, res // parts.vae_scale_factor, res // parts.vae_scale_factor
-
-    def _prepare_model(self, make_method: Callable[[Setup], Method]) -> None:
+    def _prepare_model(self, method: type[Method]) -> None:
         """Encode text once, free what training does not need, cast, pick the trained subset, build the optimizer."""
-        args, parts, device, dtype = self.args, self.parts, self.device, self.dtype
+        args, parts, device, dtype, family = self.args, self.parts, self.device, self.dtype, self.family
         # text is encoded once (c_0 = "", the concepts, their joined string, validation prompts); then the text
         # encoder is freed. The VAE is kept only to decode validation images.
         cast(parts.text_encoder, device, dtype)
-        self.embeds = encode_once(parts.tokenizer, parts.text_encoder,
-                                  ["", joined(self.concepts), *self.concepts, *self.val_prompts], device)
-        parts.text_encoder = None
+        self.embeds = family.encode(parts, ["", joined(self.concepts), *self.concepts, *self.val_prompts], device)
+        family.free_text(parts)
         if self.val_prompts:
             parts.vae.encoder = None
             cast(parts.vae, device, dtype).requires_grad_(False)
         else:
             parts.vae = None
         # trained weights (and so grads and AdamW states) stay fp32, from their unrounded values
-        start = {} if dtype == torch.float32 else snapshot(trainable_parameters(parts.unet, args.finetuning_method))
+        start = {} if dtype == torch.float32 else snapshot(family.subset(parts.unet, args.finetuning_method))
         self.unet = unet = cast(parts.unet, device, dtype).requires_grad_(False)
-        self.subset = subset = trainable_parameters(unet, args.finetuning_method)
+        self.subset = subset = family.subset(unet, args.finetuning_method)
         for n, p in subset.items():
             p.data = start.pop(n).to(device) if n in start else p.data.float()
         msg = describe(subset, unet, args.finetuning_method)
@@ -198,7 +176,7 @@ class Run:
             unet.enable_gradient_checkpointing()
         unet.train()
         optimizer, lr_scheduler, scaler = make_adamw(subset.values(), args, device, dtype)
-        self.method = make_method(Setup(unet, subset, args, self.concepts))
+        self.method = method(Setup(family, unet, subset, args, self.concepts))
         self.schedule = concept_schedule(self.concepts, args.concept_method, args.num_train_steps, args.seed,
                                          args.concept_steps)
         generator = torch.Generator().manual_seed(args.seed)  # k, z_T and jitter: CPU draws, same on every device
@@ -206,7 +184,7 @@ class Run:
         self.state = TrainState(subset, self.method, optimizer, lr_scheduler, scaler, generator, queue)
         parts.scheduler.set_timesteps(args.num_ddim_steps, device=device)
         # --loss_space epsilon: each timestep's weight, checked and moved to the device once
-        weights = epsilon_weights(parts.scheduler) if args.loss_space == "epsilon" else None
+        weights = family.epsilon_weights(parts.scheduler) if args.loss_space == "epsilon" else None
         self.loss_weights = None if weights is None else weights.to(device)
 
     def autocast(self):
@@ -221,21 +199,20 @@ class Run:
         b, m = args.train_batch_size, args.trajectory_samples
         with torch.no_grad(), self.autocast():
             for n in sorted({2 * b, m * b, 2 * m * b}):
-                self.unet(torch.zeros(n, *self.latent_shape, device=self.device), self.parts.scheduler.timesteps[0],
-                          encoder_hidden_states=c_0.expand(n, -1, -1))
+                self.family.predict(self.unet, None, torch.zeros(n, *self.latent_shape, device=self.device),
+                                    self.parts.scheduler.timesteps[0], c_0.expand(n))
         self.logger.info("convolution kernels chosen per shape: %s", choices())
 
     def micro_step(self) -> tuple[torch.Tensor, str, int, torch.Tensor]:
         """Loss of one micro-step: z_t after k ~ U[0, N-1] guided DDIM steps of the sampler from z_T ~ N(0, I)."""
         args, st = self.args, self.state
         c_p = self.schedule[self.step]
-        sample_prompt, removal_prompt = step_prompts(c_p, self.concepts, getattr(args, "sampling_concept", "current"),
-                                                     getattr(args, "removal_target", "all"))
+        sample_prompt, removal_prompt = self.method.prompts(c_p)
         with self.autocast():  # (M distinct k with --trajectory_samples M; one trajectory per R micro-steps with R)
-            item = st.queue.next(self.unet, self.method.sampler, self.parts.scheduler,
+            item = st.queue.next(self.family, self.unet, self.method.sampler, self.parts.scheduler,
                                  (args.train_batch_size, *self.latent_shape), self.device, self.embeds, sample_prompt,
                                  self.embeds[""], args.guidance_scale, st.generator)
-        t = jitter_timestep(item["t"], self.parts.scheduler, st.generator) if args.timestep_jitter else item["t"]
+        t = self.family.jitter(item["t"], self.parts.scheduler, st.generator) if args.timestep_jitter else item["t"]
         weight = None if self.loss_weights is None else self.loss_weights[t.long()].reshape(-1, 1, 1, 1)
         batch = Batch(item["z"], t, item["k"], self.embeds[""], self.embeds[c_p], self.embeds[removal_prompt],
                       c_p, weight)
@@ -280,7 +257,7 @@ class Run:
     def validate(self) -> None:
         """validation/step-N.png: each validation prompt sampled with the method's views."""
         path, a = self.out / "validation" / f"step-{self.step}.png", self.args
-        validation_grid(self.unet, self.method.eval_views(), self.parts.scheduler, self.parts.vae, self.embeds,
+        validation_grid(self.family, self.unet, self.method.eval_views(), self.parts.scheduler, self.parts.vae, self.embeds,
                         self.val_prompts, self.latent_shape, self.device, self.autocast, path,
                         n=a.num_validation_images, seed=a.seed, scale=a.validation_guidance_scale)
         self.logger.info("validation grid %s", path)
@@ -290,7 +267,7 @@ class Run:
         if self.val_prompts:
             self.validate()
         result, self.state = self.method.result, None  # drop the optimizer's states before the result is written
-        save_result(self.unet, result, self.args, self.concepts, self.dtype, self.out)
+        save_result(self.family, self.unet, result, self.args, self.concepts, self.dtype, self.out)
         print(f"saved {self.out / 'unet'} and {self.out / 'erasure.safetensors'}")
         if self.args.export_lora_rank is not None:
             lora = export_lora(self.out / "erasure.safetensors", rank=self.args.export_lora_rank,
@@ -299,15 +276,15 @@ class Run:
         return self.out
 
 
-def save_result(unet: UNet2DConditionModel, result: View, args, concepts: list[str], dtype: torch.dtype, out: Path) -> None:
+def save_result(family: Family, unet: torch.nn.Module, result: View, args, concepts: list[str], dtype: torch.dtype,
+                out: Path) -> None:
     """unet/ (a full diffusers U-Net folder) and erasure.safetensors (only the trained tensors, with metadata)."""
     meta = {"base_model": args.pretrained_model_name_or_path, "method": args.method,
             "finetuning_method": args.finetuning_method, "concepts": concepts, "num_train_steps": args.num_train_steps}
     save_erasure(out / "erasure.safetensors", result, meta)
     if dtype != torch.float32:
         # frozen weights were cast for training: write the result onto the untouched fp32 base instead
-        unet = from_pretrained(UNet2DConditionModel, args.pretrained_model_name_or_path, subfolder="unet",
-                               revision=args.revision, variant=args.variant)
+        unet = family.load_unet(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant)
         result = {n: t.to(unet.device, unet.dtype) for n, t in result.items()}
     with swapped_in(unet, result), atomic_dir(out / "unet") as tmp:
         unet.save_pretrained(tmp, safe_serialization=True)

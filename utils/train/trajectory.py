@@ -1,4 +1,5 @@
-"""Guided DDIM sampling with any weight view, stopped after k of N steps (SDD's z_t), latent decoding, validation."""
+"""Guided DDIM sampling with any weight view, stopped after k of N steps (SDD's z_t), and validation grids; the
+model family (utils/families/) calls the denoiser, steps the scheduler and decodes."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,39 +8,38 @@ from typing import Sequence
 import torch
 
 from utils.images import image_grid, save_png, to_pil
-from utils.train.views import View, call
+from utils.families.base import Cond, Family, View
 
 
-def guided_noise(unet: torch.nn.Module, view: View | None, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                 uncond: torch.Tensor, scale: float) -> torch.Tensor:
+def guided_noise(family: Family, unet: torch.nn.Module, view: View | None, scheduler, z: torch.Tensor,
+                 t: torch.Tensor, cond: Cond, uncond: Cond, scale: float) -> torch.Tensor:
     """Classifier-free guidance e = e(z, c_0) + s (e(z, c) - e(z, c_0)), both conditions in one batched forward."""
     b = z.shape[0]
-    emb = torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)])
-    out = call(unet, view, torch.cat([z, z]), t, encoder_hidden_states=emb).sample
-    e_0, e_c = out.chunk(2)
+    x = family.scale_input(scheduler, torch.cat([z, z]), t)
+    e_0, e_c = family.predict(unet, view, x, t, Cond.cat([uncond.expand(b), cond.expand(b)])).chunk(2)
     return e_0 + scale * (e_c - e_0)
 
 
 @torch.no_grad()
-def ddim_sample(unet: torch.nn.Module, view: View | None, scheduler, z: torch.Tensor, cond: torch.Tensor,
-                uncond: torch.Tensor, scale: float, start: int = 0, stop: int | None = None) -> torch.Tensor:
+def ddim_sample(family: Family, unet: torch.nn.Module, view: View | None, scheduler, z: torch.Tensor, cond: Cond,
+                uncond: Cond, scale: float, start: int = 0, stop: int | None = None) -> torch.Tensor:
     """Run the guided DDIM steps timesteps[start:stop] (default: all) from z (eta = 0)."""
     for t in scheduler.timesteps[start:stop]:
-        e = guided_noise(unet, view, z, t, cond, uncond, scale)
-        z = scheduler.step(e, t, z).prev_sample.to(z.dtype)
+        e = guided_noise(family, unet, view, scheduler, z, t, cond, uncond, scale)
+        z = family.step(scheduler, e, t, z)
     return z
 
 
-def partial_trajectory(unet: torch.nn.Module, view: View | None, scheduler, z_T: torch.Tensor, cond: torch.Tensor,
-                       uncond: torch.Tensor, scale: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def partial_trajectory(family: Family, unet: torch.nn.Module, view: View | None, scheduler, z_T: torch.Tensor,
+                       cond: Cond, uncond: Cond, scale: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """z_t after k guided DDIM steps and its timestep t = timesteps[k] (k = 0: z_T itself at the first timestep)."""
-    z, t = trajectory_points(unet, view, scheduler, z_T, cond, uncond, scale, [k])
+    z, t = trajectory_points(family, unet, view, scheduler, z_T, cond, uncond, scale, [k])
     return z, t[0]
 
 
 @torch.no_grad()
-def trajectory_points(unet: torch.nn.Module, view: View | None, scheduler, z_T: torch.Tensor, cond: torch.Tensor,
-                      uncond: torch.Tensor, scale: float, ks: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def trajectory_points(family: Family, unet: torch.nn.Module, view: View | None, scheduler, z_T: torch.Tensor,
+                      cond: Cond, uncond: Cond, scale: float, ks: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """z at each DDIM step in `ks` of one guided trajectory (max(ks) steps in all), stacked, with their timesteps."""
     timesteps = scheduler.timesteps
     if not all(0 <= k < len(timesteps) for k in ks):
@@ -49,31 +49,15 @@ def trajectory_points(unet: torch.nn.Module, view: View | None, scheduler, z_T: 
         if i in ks:
             keep[i] = z
         if i < max(ks):
-            z = ddim_sample(unet, view, scheduler, z, cond, uncond, scale, start=i, stop=i + 1)
+            z = ddim_sample(family, unet, view, scheduler, z, cond, uncond, scale, start=i, stop=i + 1)
     zs = torch.cat([keep[k] for k in ks])
     ts = torch.cat([timesteps[k].repeat(len(z_T)) for k in ks])
     return zs, ts
 
 
-def jitter_timestep(t: torch.Tensor, scheduler, generator: torch.Generator) -> torch.Tensor:
-    """A DDPM timestep drawn uniformly from [t, t + stride) (as the reference code), stride = T / N, kept below T."""
-    num_train = scheduler.config.num_train_timesteps
-    stride = num_train // scheduler.num_inference_steps
-    span = (num_train - t.cpu()).clamp(min=1, max=stride)  # the top bucket is cut at T - 1, not piled onto it
-    offset = (torch.rand(t.shape, generator=generator) * span).long()
-    return t + offset.to(t.device)
-
-
 @torch.no_grad()
-def decode_latents(vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [0, 1], (B, 3, H, W), float32 on the CPU."""
-    x = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample
-    return (x.float() / 2 + 0.5).clamp(0, 1).cpu()
-
-
-@torch.no_grad()
-def validation_grid(unet: torch.nn.Module, views: dict[str, View | None], scheduler, vae: torch.nn.Module,
-                    embeds: dict[str, torch.Tensor], prompts: Sequence[str], latent_shape: Sequence[int],
+def validation_grid(family: Family, unet: torch.nn.Module, views: dict[str, View | None], scheduler,
+                    vae: torch.nn.Module, embeds: dict[str, Cond], prompts: Sequence[str], latent_shape: Sequence[int],
                     device: torch.device, autocast, path: Path, *, n: int, seed: int, scale: float) -> None:
     """Sample n images of each prompt with each view (seed + prompt index, every time) and save one labelled grid."""
     rows, labels = [], []
@@ -84,8 +68,8 @@ def validation_grid(unet: torch.nn.Module, views: dict[str, View | None], schedu
             gen = torch.Generator().manual_seed(seed + i)
             z = torch.randn((n, *latent_shape), generator=gen).to(device)
             with autocast():
-                z = ddim_sample(unet, view, scheduler, z, embeds[prompt], embeds[""], scale)
-            rows.append(to_pil(decode_latents(vae, z)))
+                z = ddim_sample(family, unet, view, scheduler, z, embeds[prompt], embeds[""], scale)
+            rows.append(to_pil(family.decode(vae, z)))
             labels.append(f"{view_name}: {prompt}" if len(views) > 1 else prompt)
     unet.train(was_training)
     save_png(image_grid(rows, labels, label_width=160), path)
@@ -105,8 +89,8 @@ class TrajectoryQueue:
         self.num_steps, self.samples, self.reuse = num_steps, samples, reuse
         self.queues: dict[str, list[dict]] = {}  # per concept: the micro-steps still to serve
 
-    def next(self, unet: torch.nn.Module, view: View | None, scheduler, shape: Sequence[int], device: torch.device,
-             embeds: dict[str, torch.Tensor], concept: str, uncond: torch.Tensor, scale: float,
+    def next(self, family: Family, unet: torch.nn.Module, view: View | None, scheduler, shape: Sequence[int],
+             device: torch.device, embeds: dict[str, Cond], concept: str, uncond: Cond, scale: float,
              generator: torch.Generator) -> dict:
         """{z, t, k (the largest of the micro-step's)} for `concept`; samples R micro-steps' worth when none is left."""
         queue = self.queues.setdefault(concept, [])
@@ -114,7 +98,7 @@ class TrajectoryQueue:
             ks = torch.randperm(self.num_steps, generator=generator)[:self.samples * self.reuse]
             groups = [g.sort().values.tolist() for g in ks.view(self.reuse, self.samples)]
             z_T = torch.randn(tuple(shape), generator=generator).to(device)
-            zs, ts = trajectory_points(unet, view, scheduler, z_T, embeds[concept], uncond, scale,
+            zs, ts = trajectory_points(family, unet, view, scheduler, z_T, embeds[concept], uncond, scale,
                                        [k for g in groups for k in g])
             n = self.samples * len(z_T)
             queue += [dict(z=z, t=t, k=g[-1]) for z, t, g in zip(zs.split(n), ts.split(n), groups)]

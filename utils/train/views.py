@@ -1,25 +1,18 @@
-"""Weight views: other models (EMA teacher, frozen original) as dicts of tensors for the trained subset only."""
+"""Weight views: other models (EMA teacher, frozen original) as dicts of tensors for the trained subset only; the
+family's predict (utils/families/base.py) runs the shared U-Net with one swapped in."""
 from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import Iterator, Mapping
 
 import torch
-from torch.func import functional_call
 
-View = Mapping[str, torch.Tensor]
+from utils.families.base import View
 
 
 def snapshot(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached copies of the subset: the starting point of a teacher or the frozen original."""
     return {n: p.detach().clone() for n, p in params.items()}
-
-
-def call(unet: torch.nn.Module, view: View | None, *args, **kwargs):
-    """Run the shared U-Net with `view`'s tensors in place of its own (None = the live student weights)."""
-    if view is None:
-        return unet(*args, **kwargs)
-    return functional_call(unet, dict(view), args, kwargs, strict=False)
 
 
 @torch.no_grad()
