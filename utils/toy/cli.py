@@ -228,7 +228,8 @@ def _add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="render the data and train the toy pipeline (CPU, seeded)", formatter_class=HelpFormatter)
     p.add_argument("--output_dir", default="outputs/toy-sd",
                    help="where the pipeline, train_toy.log and checkpoints go (a stopped run there is resumed)")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished pipeline in --output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished pipeline, or a stopped run, in "
+                   "--output_dir (training starts again from step 0)")
     p.add_argument("--seed", type=int, default=2, help="seed of the data, the initial weights and training (the "
                    "default is the shipped model's)")
     p.add_argument("--n_images", type=int, default=12000, help="rendered training images (colours and shapes balanced)")
