@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 from typing import Sequence
@@ -80,14 +79,13 @@ def format_mix(mix: dict[str, float], top: int = 2) -> str:
 
 
 def training_seconds(unet_path: str | Path) -> float | None:
-    """The training time a trainer logged next to its result (OUT/train.log), None when there is none."""
+    """The training time a trainer logged next to its result (OUT/train.log), every leg of a resumed run added up;
+    None when there is none."""
     from utils.saving import run_folder
+    from utils.train.log_time import training_seconds_in
 
     log = run_folder(unet_path) / "train.log"
-    if not log.is_file():
-        return None
-    found = re.findall(r"trained \d+ steps in ([0-9.]+) s", log.read_text(encoding="utf-8"))
-    return float(found[-1]) if found else None
+    return training_seconds_in(log.read_text(encoding="utf-8")) if log.is_file() else None
 
 
 def erased_colours(unet_path: str | Path) -> list[str]:
