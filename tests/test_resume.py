@@ -127,9 +127,8 @@ def _attack_args(out: Path, *flags: str):
     from attack import parse_args
 
     return parse_args(["--pretrained_model_name_or_path", str(out.parent / "never-loaded"), "--concept", "red",
-                       "--metric", "toy", "--prompts", "a {} circle", "--num_train_steps", "4", "--learning_rate", "0.05",
-                       "--device", "cpu",
-                       "--output_dir", str(out), *flags])
+                       "--metric", "toy", "--prompts", "a {} circle", "--num_train_steps", "4",
+                       "--learning_rate", "0.05", "--device", "cpu", "--output_dir", str(out), *flags])
 
 
 def test_attack_resume_under_other_flags_is_refused_with_the_trainers_message(tmp_path):

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.cli import UserError, setup_logging
-from utils.saving import atomic_write, atomic_write_text
+from utils.saving import atomic_write_text
 from utils.toy.judge import judge
 from utils.toy.language import COLOURS, SHAPES, caption_distribution, vocabulary
 from utils.toy.render import RESOLUTION, make_dataset
