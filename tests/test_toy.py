@@ -285,7 +285,7 @@ def test_toy_training_ema_is_the_warm_up_average_of_the_weights_and_survives_a_r
         return [p.detach() for p in lin.parameters()], seen
 
     final, seen = run(tmp_path / "ema", 0.9)
-    last = list(torch.load(tmp_path / "ema" / "m.pt", weights_only=False)["m"].values())  # the raw weights
+    last = list(torch.load(tmp_path / "ema/m/checkpoint-6/state.pt", weights_only=False)["modules"]["m"].values())
     expected = [t.clone() for t in seen[0]]
     for s, weights in enumerate(seen[1:] + [last]):
         w = 1 - min(0.9, (s + 1) / (s + 10))

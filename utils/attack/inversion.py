@@ -31,7 +31,8 @@ from utils.loading import cast
 from utils.saving import atomic_write
 from utils.text import read_word_list
 from utils.train.optim import autocast_to, make_adamw
-from utils.train.checkpoints import NEUTRAL_FLAGS, StopOnSignal, prune_checkpoints, run_identity, write_checkpoint
+from utils.train.checkpoints import (NEUTRAL_FLAGS, load_state, restore_rng, rng_state, run_identity, run_steps,
+                                     save_state)
 
 log = logging.getLogger("sdd")
 # flags that only change how the attack is scored or how many images it draws, not the learned embedding
@@ -208,18 +209,13 @@ def attack_identity(args) -> dict:
 
 def _save_checkpoint(out: Path, step: int, inv: Inversion, optimizer, lr_scheduler, scaler, generator,
                      args) -> Path:
-    final = out / f"checkpoint-{step}"
-    state = {"step": step, "learned": inv.learned.detach().cpu(), "tokens": inv.tokens,
-             "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()}}
-    write_checkpoint(final, state, attack_identity(args))
-    prune_checkpoints(out, args.checkpoints_total_limit)
-    log.info("saved %s", final)
-    return final
+    blob = {"learned": inv.learned.detach().cpu(), "tokens": inv.tokens, "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(generator)}
+    return save_state(out, step, blob, attack_identity(args), args.checkpoints_total_limit)
 
 
 def _load_checkpoint(path: Path, inv: Inversion, optimizer, lr_scheduler, scaler, generator) -> int:
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    state = load_state(path, what="attack.py")
     if "learned" not in state or state["learned"].shape != inv.learned.shape or state["tokens"] != inv.tokens:
         raise UserError(f"checkpoint {path} is not an attack checkpoint with {len(inv.tokens)} vector(s) "
                         f"for {inv.tokens[0]}")
@@ -228,8 +224,7 @@ def _load_checkpoint(path: Path, inv: Inversion, optimizer, lr_scheduler, scaler
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     scaler.load_state_dict(state["scaler"])
-    generator.set_state(state["rng"]["generator"])
-    torch.set_rng_state(state["rng"]["torch"])
+    restore_rng(state["rng"], generator)
     return int(state["step"])
 
 
@@ -248,33 +243,34 @@ def train_embedding(inv: Inversion, targets: Targets, args, out: Path, resume: P
         log.info("resumed from %s at step %d", resume, step)
         print(f"resumed from {resume} at step {step}")
     bar = tqdm(total=args.num_train_steps, initial=step, desc="attack", dynamic_ncols=True)
-    t0, saved = time.time(), None
-    with StopOnSignal() as stop:
-        while step < args.num_train_steps and not stop.raised:
-            idx = torch.randint(len(mean), (args.train_batch_size,), generator=generator)
-            z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator).to(device)
-            captions = [targets.captions[i][int(torch.randint(len(targets.captions[i]), (1,), generator=generator))]
-                        for i in idx.tolist()]
-            loss = denoising_loss(inv, (z - shift) * scale, captions, generator, autocast)
-            if not torch.isfinite(loss):
-                raise UserError(f"loss became {loss.item()} at step {step}; lower --learning_rate")
-            scaler.scale(loss).backward()
-            if args.max_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([inv.learned], args.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4g}")
-            log.info("step %d loss %.6g lr %.3g caption %r", step, loss.item(), lr_scheduler.get_last_lr()[0],
-                     captions[0])
-            if step % args.checkpointing_steps == 0 or (stop.raised and step < args.num_train_steps):
-                saved = _save_checkpoint(out, step, inv, optimizer, lr_scheduler, scaler, generator, args)
+    t0 = time.time()
+
+    def train_step(step: int) -> None:
+        idx = torch.randint(len(mean), (args.train_batch_size,), generator=generator)
+        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator).to(device)
+        captions = [targets.captions[i][int(torch.randint(len(targets.captions[i]), (1,), generator=generator))]
+                    for i in idx.tolist()]
+        loss = denoising_loss(inv, (z - shift) * scale, captions, generator, autocast)
+        if not torch.isfinite(loss):
+            raise UserError(f"loss became {loss.item()} at step {step}; lower --learning_rate")
+        scaler.scale(loss).backward()
+        if args.max_grad_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([inv.learned], args.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4g}")
+        log.info("step %d loss %.6g lr %.3g caption %r", step + 1, loss.item(), lr_scheduler.get_last_lr()[0],
+                 captions[0])
+
+    def ended(step: int) -> None:
         bar.close()
         log.info("trained to step %d in %.1f s", step, time.time() - t0)
-        if stop.raised and step < args.num_train_steps:  # exit 128 + signal, the hint as the last line
-            raise stop.stopped(step, args.num_train_steps, saved, out, args.resume_from_checkpoint == "latest")
-    return step
+
+    return run_steps(step, args.num_train_steps, train_step,
+                     lambda s: _save_checkpoint(out, s, inv, optimizer, lr_scheduler, scaler, generator, args),
+                     args.checkpointing_steps, out=out, resumed_latest=args.resume_from_checkpoint == "latest",
+                     ended=ended)

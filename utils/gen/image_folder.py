@@ -16,6 +16,7 @@ import torch
 from utils.cli import UserError, same_flag_value
 from utils.prompts import Prompt
 from utils.saving import atomic_write_text
+from utils.seeding import seeded_latents
 
 METADATA = "metadata.csv"
 ARGS = "args.json"
@@ -49,10 +50,7 @@ def make_jobs(prompts: Sequence[Prompt], num_images: int, seed: int, guidance: f
 
 def initial_latents(seed: int, j: int, shape: Sequence[int]) -> torch.Tensor:
     """Image j's starting latent: the (j+1)-th draw of shape (1, *shape) from a CPU generator seeded with `seed`."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    for _ in range(j + 1):
-        latent = torch.randn((1, *shape), generator=generator)
-    return latent
+    return seeded_latents(seed, (1, *shape), index=j)
 
 
 def guidance_batches(jobs: Sequence[Job], batch_size: int) -> list[list[Job]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 from typing import Sequence
@@ -80,14 +79,13 @@ def format_mix(mix: dict[str, float], top: int = 2) -> str:
 
 
 def training_seconds(unet_path: str | Path) -> float | None:
-    """The training time a trainer logged next to its result (OUT/train.log), None when there is none."""
+    """The training time a trainer logged next to its result (OUT/train.log), every leg of a resumed run added up;
+    None when there is none."""
     from utils.saving import run_folder
+    from utils.train.log_time import training_seconds_in
 
     log = run_folder(unet_path) / "train.log"
-    if not log.is_file():
-        return None
-    found = re.findall(r"trained \d+ steps in ([0-9.]+) s", log.read_text(encoding="utf-8"))
-    return float(found[-1]) if found else None
+    return training_seconds_in(log.read_text(encoding="utf-8")) if log.is_file() else None
 
 
 def erased_colours(unet_path: str | Path) -> list[str]:
@@ -228,7 +226,8 @@ def _add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="render the data and train the toy pipeline (CPU, seeded)", formatter_class=HelpFormatter)
     p.add_argument("--output_dir", default="outputs/toy-sd",
                    help="where the pipeline, train_toy.log and checkpoints go (a stopped run there is resumed)")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished pipeline in --output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished pipeline, or a stopped run, in "
+                   "--output_dir (training starts again from step 0)")
     p.add_argument("--seed", type=int, default=2, help="seed of the data, the initial weights and training (the "
                    "default is the shipped model's)")
     p.add_argument("--n_images", type=int, default=12000, help="rendered training images (colours and shapes balanced)")

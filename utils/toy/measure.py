@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from utils.cli import UserError, resolve_device
 from utils.saving import atomic_write_text
+from utils.seeding import seeded_latents
 from utils.toy.judge import OTHER, judge, nearest_colour, preserved
 from utils.toy.language import (COLOUR_WORDS, COLOURS, OBJECT_TEMPLATES, OBJECTS, SHAPES, TEMPLATES, fill, objects_of,
                                 parse_prompt, prompt_sets, prompt_words)
@@ -150,7 +151,7 @@ def sample_images(pipe, prompts: Sequence[str], seeds: Sequence[int], num_infere
     with tqdm(total=len(prompts), desc=desc, unit="img", disable=desc is None, leave=False) as bar:
         for i in range(0, len(prompts), batch_size):
             ps, ss = list(prompts[i:i + batch_size]), seeds[i:i + batch_size]
-            latents = torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in ss])
+            latents = torch.stack([seeded_latents(int(s), shape) for s in ss])
             res = pipe(prompt=ps, latents=latents.to(pipe.device, unet.dtype), num_inference_steps=num_inference_steps,
                        guidance_scale=guidance_scale, height=size * pipe.vae_scale_factor,
                        width=size * pipe.vae_scale_factor, output_type=output_type, **pipe_kw)

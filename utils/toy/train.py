@@ -22,15 +22,20 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.cli import UserError, setup_logging
-from utils.saving import atomic_write, atomic_write_text
+from utils.saving import atomic_write_text
 from utils.toy.judge import judge
 from utils.toy.language import COLOURS, SHAPES, caption_distribution, vocabulary
 from utils.toy.render import RESOLUTION, make_dataset
+from utils.train.checkpoints import (check_same_run, find_checkpoint, flag_identity, load_state, restore_rng,
+                                     rng_state, run_steps, save_state)
 from utils.train.views import ema_update, snapshot
 
 MODEL_MAX_LENGTH = 16
 DEFAULT_GUIDANCE = 5.0
 DEFAULT_STEPS = 20
+# flags of `python -m utils.toy train` that do not change the model (a stopped run resumes under other values)
+NEUTRAL_FLAGS = frozenset({"output_dir", "overwrite", "keep_checkpoints", "quiet", "threads", "checkpoint_every",
+                           "command", "func"})
 
 
 def build_models(tokenizer, seed: int = 0):
@@ -87,34 +92,50 @@ def _to_unit(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def checkpoint_folder(ckpt_dir: Path, name: str, identity: dict) -> tuple[Path, Path | None]:
+    """Where phase `name` keeps its checkpoint-N/ folders, and the newest one to resume (None: start the phase);
+    UserError (one line) for a checkpoint of an older version or of a run with other flags."""
+    folder, old = ckpt_dir / name, ckpt_dir / f"{name}.pt"
+    if old.exists():
+        raise UserError(f"{old} is a checkpoint of an older version of the toy trainer and cannot be resumed; delete "
+                        f"{ckpt_dir} (or pass --overwrite) to train from the start")
+    resume = find_checkpoint(folder, "latest")
+    if resume is not None:
+        check_same_run(resume, identity)
+    return folder, resume
+
+
 def _resumable_loop(name: str, modules: dict[str, torch.nn.Module], params: list, lr: float, weight_decay: float,
                     steps: int, seed: int, loss_fn: Callable[[torch.Generator], tuple[torch.Tensor, dict]],
                     args: argparse.Namespace, ckpt_dir: Path, log: logging.Logger, ema_decay: float = 0.0) -> None:
-    """AdamW with warm-up + cosine, gradient clipping, a tqdm bar and checkpoints at ckpt_dir/{name}.pt (resumed);
-    with ema_decay > 0 the modules end with the exponential moving average of their weights (as SD's release)."""
-    ckpt = ckpt_dir / f"{name}.pt"
+    """AdamW with warm-up + cosine, gradient clipping, a tqdm bar and checkpoints in ckpt_dir/{name}/checkpoint-N
+    (the trainer's format; the newest is resumed, SIGINT/SIGTERM saves one and stops); with ema_decay > 0 the modules
+    end with the exponential moving average of their weights (as SD's release)."""
+    identity = flag_identity(args, NEUTRAL_FLAGS)
+    folder, resume = checkpoint_folder(ckpt_dir, name, identity)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_at(s, steps, min(200, steps // 10 + 1)))
     gen = torch.Generator().manual_seed(seed)
     named = {f"{k}.{n}": p for k, m in modules.items() for n, p in m.named_parameters()}
     ema = snapshot(named) if ema_decay else {}
     start = 0
-    if ckpt.exists():
-        st = torch.load(ckpt, weights_only=False)
+    if resume is not None:
+        st = load_state(resume, kind=f"toy-{name}", what=f"the toy trainer's {name} phase")
         for k, m in modules.items():
-            m.load_state_dict(st[k])
-        opt.load_state_dict(st["opt"]), sched.load_state_dict(st["sched"]), gen.set_state(st["gen"])
+            m.load_state_dict(st["modules"][k])
+        opt.load_state_dict(st["opt"]), sched.load_state_dict(st["sched"]), restore_rng(st["rng"], gen)
         if ema:
             if "ema" not in st:
-                raise UserError(f"{ckpt} was written without a weight average; resume it with --unet_ema_decay 0, "
+                raise UserError(f"{resume} was written without a weight average; resume it with --unet_ema_decay 0, "
                                 "or delete it to start again")
             ema = st["ema"]
         start = st["step"]
-        log.info("%s: resumed from %s at step %d", name, ckpt, start)
+        log.info("%s: resumed from %s at step %d", name, resume, start)
     for m in modules.values():
         m.train()
-    bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, disable=args.quiet, dynamic_ncols=True)
-    for step in bar:
+    bar = tqdm(desc=name, initial=start, total=steps, disable=args.quiet, dynamic_ncols=True)
+
+    def train_step(step: int) -> None:
         loss, extra = loss_fn(gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -123,16 +144,19 @@ def _resumable_loop(name: str, modules: dict[str, torch.nn.Module], params: list
         sched.step()
         if ema:
             ema_update(ema, named, min(ema_decay, (step + 1) / (step + 10)))  # the usual warm-up: short at first
+        bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", **{k: f"{v:.4f}" for k, v in extra.items()})
         if (step + 1) % 50 == 0 or step + 1 == steps:
             log.info("%s step %d/%d loss %.5f %s lr %.2e", name, step + 1, steps, loss.item(),
                      " ".join(f"{k} {v:.5f}" for k, v in extra.items()), sched.get_last_lr()[0])
-        if (step + 1) % args.checkpoint_every == 0 or step + 1 == steps:
-            state = {k: m.state_dict() for k, m in modules.items()}
-            state.update(opt=opt.state_dict(), sched=sched.state_dict(), gen=gen.get_state(), step=step + 1)
-            if ema:
-                state["ema"] = ema
-            atomic_write(ckpt, lambda tmp: torch.save(state, tmp))
+
+    def save(step: int) -> Path:
+        blob = {"kind": f"toy-{name}", "modules": {k: m.state_dict() for k, m in modules.items()},
+                "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rng_state(gen)}
+        return save_state(folder, step, blob | ({"ema": ema} if ema else {}), identity, limit=1)
+
+    run_steps(start, steps, train_step, save, args.checkpoint_every, out=ckpt_dir.parent, resumed_latest=True,
+              save_last=True, ended=lambda step: bar.close())
     with torch.no_grad():
         for n, e in ema.items():
             named[n].copy_(e)
@@ -222,6 +246,10 @@ def train(args: argparse.Namespace) -> Path:
     if (out / "model_index.json").is_file() and not args.overwrite:
         raise UserError(f"{out} already holds a toy pipeline; pass --overwrite to replace it, or another --output_dir")
     ckpt_dir = out / "checkpoints"
+    if args.overwrite:  # a new run: the old one's checkpoints would be resumed (or refused) otherwise
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    for name in ("vae", "unet"):  # refused before anything is written
+        checkpoint_folder(ckpt_dir, name, flag_identity(args, NEUTRAL_FLAGS))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     log = setup_logging(out, "train_toy.log")
     log.info("train: %s", {k: v for k, v in vars(args).items() if k != "func"})

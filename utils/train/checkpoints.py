@@ -11,7 +11,7 @@ import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -97,16 +97,24 @@ def check_run_args(args: argparse.Namespace, method) -> tuple[list[str], list[st
 
 
 def resolve_resume(args: argparse.Namespace) -> Path | None:
-    """The checkpoint folder to resume from, None to start fresh; UserError for a path that does not exist."""
-    if not args.resume_from_checkpoint:
+    """The checkpoint --resume_from_checkpoint names in --output_dir, None to start fresh (see find_checkpoint)."""
+    return find_checkpoint(Path(args.output_dir), args.resume_from_checkpoint,
+                           getattr(args, "overwrite_output_dir", False))
+
+
+def find_checkpoint(folder: Path, request: str | None, overwrite: bool = False) -> Path | None:
+    """The checkpoint to resume: `request` "latest" (the newest checkpoint-N in `folder`, None if there is none or
+    when `overwrite`), a checkpoint-N folder (a path, or a name inside `folder`), or None (start fresh); UserError for
+    a path that does not exist."""
+    if not request:
         return None
-    if args.resume_from_checkpoint == "latest":
-        if getattr(args, "overwrite_output_dir", False):
+    if request == "latest":
+        if overwrite:
             return None  # the run scripts always pass latest: overwriting means starting afresh
-        found = list_checkpoints(Path(args.output_dir))
+        found = list_checkpoints(Path(folder))
         return found[-1] if found else None
-    path = Path(args.resume_from_checkpoint)
-    inside = Path(args.output_dir) / path.name  # "checkpoint-500" names one in --output_dir, as in the diffusers examples
+    path = Path(request)
+    inside = Path(folder) / path.name  # "checkpoint-500" names one in --output_dir, as in the diffusers examples
     if not (path / "state.pt").exists() and (inside / "state.pt").exists():
         path = inside
     if not (path / "state.pt").exists():
@@ -133,12 +141,19 @@ def check_output_dir(args: argparse.Namespace, resume: Path | None) -> None:
 def run_identity(args: argparse.Namespace, concepts: Sequence[str] | None = None,
                  neutral: frozenset[str] = NEUTRAL_FLAGS) -> dict:
     """The flags that define the run (JSON values), with the concepts as read; --num_train_steps only if it matters."""
-    ident = {k: v for k, v in sorted(vars(args).items()) if k not in neutral}
+    ident = flag_identity(args, neutral)
     if concepts is not None:
         ident["removing_concepts"] = list(concepts)
-    if args.lr_scheduler in LENGTH_FREE_SCHEDULES and getattr(args, "concept_method", None) != "sequential":
-        ident.pop("num_train_steps")  # extending such a run changes nothing before its old end
-    return json.loads(json.dumps(ident, default=str))
+    if (getattr(args, "lr_scheduler", None) in LENGTH_FREE_SCHEDULES
+            and getattr(args, "concept_method", None) != "sequential"):
+        ident.pop("num_train_steps", None)  # extending such a run changes nothing before its old end
+    return ident
+
+
+def flag_identity(args: argparse.Namespace, neutral: frozenset[str] | set[str]) -> dict:
+    """Every flag of `args` but the `neutral` ones, sorted, as JSON values: what run.json holds and check_same_run
+    compares (any program's flags)."""
+    return json.loads(json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in neutral}, default=str))
 
 
 def check_same_run(path: Path, identity: dict) -> None:
@@ -160,20 +175,23 @@ def check_same_run(path: Path, identity: dict) -> None:
 
 def save_checkpoint(out: Path, step: int, state: TrainState, identity: dict, limit: int | None) -> Path:
     """checkpoint-N/ with state.pt (weights, optimizer, schedules, RNG, queued trajectories) and run.json; atomic."""
-    final = out / f"checkpoint-{step}"
-    blob = {
-        "step": step,
+    return save_state(out, step, {
         "student": {n: p.detach().cpu() for n, p in state.subset.items()},
         "method": {n: v.detach().cpu() if torch.is_tensor(v) else v for n, v in state.method.state_dict().items()},
         "optimizer": state.optimizer.state_dict(),
         "lr_scheduler": state.lr_scheduler.state_dict(),
         "scaler": state.scaler.state_dict(),
         "trajectories": state.queue.state_dict(),
-        "rng": {"generator": state.generator.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-    }
-    write_checkpoint(final, blob, identity)
-    prune_checkpoints(out, limit)
+        "rng": rng_state(state.generator),
+    }, identity, limit)
+
+
+def save_state(out: Path, step: int, blob: dict, identity: dict, limit: int | None) -> Path:
+    """out/checkpoint-{step}/ with state.pt ({"step": step, **blob}) and run.json (`identity`), written atomically;
+    then only the newest `limit` checkpoints are kept (all when None or 0). Any resumable loop's checkpoint."""
+    final = Path(out) / f"checkpoint-{step}"
+    write_checkpoint(final, {"step": step, **blob}, identity)
+    prune_checkpoints(Path(out), limit)
     log.info("saved %s", final)
     return final
 
@@ -183,6 +201,36 @@ def write_checkpoint(final: Path, blob: dict, identity: dict) -> None:
     with atomic_dir(final) as tmp:
         torch.save(blob, tmp / "state.pt")
         (tmp / "run.json").write_text(json.dumps(identity, indent=2), encoding="utf-8")
+
+
+def load_state(path: Path, kind: str | None = None, what: str = "this program") -> dict:
+    """The blob save_state wrote in checkpoint folder `path`; with `kind`, UserError (one line) unless the blob says
+    it is one (blob["kind"]): a checkpoint of another program, or of an older format."""
+    try:
+        blob = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises several types for files it cannot unpickle
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); start a new --output_dir") from None
+    if not isinstance(blob, dict) or "step" not in blob or (kind is not None and blob.get("kind") != kind):
+        raise UserError(f"checkpoint {path} was not written by {what} in this version (another program's, or an "
+                        f"older format); it cannot be resumed: start a new --output_dir")
+    return blob
+
+
+def rng_state(generator: torch.Generator | None) -> dict:
+    """The RNG states a resumed run restores: `generator`'s, torch's global CPU one and every visible GPU's."""
+    return {"generator": None if generator is None else generator.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng(saved: dict, generator: torch.Generator | None) -> None:
+    """Put back what rng_state saved (the GPUs' as far as as many are visible now; none if it saved none)."""
+    if generator is not None:
+        generator.set_state(saved["generator"])
+    torch.set_rng_state(saved["torch"])
+    if saved.get("cuda") is not None and torch.cuda.is_available():  # as many GPUs as are visible now
+        for i, cuda_state in enumerate(saved["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, i)
 
 
 def clear_run(out: Path) -> None:
@@ -205,7 +253,9 @@ def prune_checkpoints(out: Path, limit: int | None) -> None:
 
 def load_checkpoint(path: Path, state: TrainState, device: torch.device) -> int:
     """Restore a checkpoint written by save_checkpoint into `state`; returns its step."""
-    blob = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    blob = load_state(path)
+    if "student" not in blob:
+        raise UserError(f"checkpoint {path} is not one of train_sdd.py / train_esd.py; start a new --output_dir")
     if blob["student"].keys() != state.subset.keys():
         raise UserError(f"checkpoint {path} trains other parameters than --finetuning_method asks for")
     with torch.no_grad():
@@ -216,11 +266,7 @@ def load_checkpoint(path: Path, state: TrainState, device: torch.device) -> int:
     state.lr_scheduler.load_state_dict(blob["lr_scheduler"])
     state.scaler.load_state_dict(blob["scaler"])
     state.queue.load_state_dict(blob.get("trajectories", {}), device)
-    state.generator.set_state(blob["rng"]["generator"])
-    torch.set_rng_state(blob["rng"]["torch"])
-    if blob["rng"]["cuda"] is not None and torch.cuda.is_available():  # as many GPUs as are visible now
-        for i, cuda_state in enumerate(blob["rng"]["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, i)
+    restore_rng(blob["rng"], state.generator)
     return int(blob["step"])
 
 
@@ -257,3 +303,26 @@ class StopOnSignal:
         name = signal.Signals(self.signum).name if self.signum else "a signal"
         return Stopped(f"stopped by {name} at step {step} of {total}; saved {saved}; to continue, {again} "
                        f"(--output_dir {out})", self.signum or signal.SIGINT)
+
+
+def run_steps(step: int, total: int, train_step: Callable[[int], None], save: Callable[[int], Path], every: int, *,
+              out: Path, resumed_latest: bool, save_last: bool = False,
+              ended: Callable[[int], None] | None = None) -> int:
+    """A resumable loop (the attack's, the toy trainer's): train_step(s) takes the run from step s to s + 1 until
+    `total`; save(s) writes checkpoint-s every `every` steps, at `total` with `save_last`, and after SIGINT/SIGTERM
+    (once the step under way is done), which then ends the run with utils.cli.Stopped naming `out`. ended(step) runs
+    when the loop ends either way (not on an exception); returns the step reached."""
+    saved = None
+    with StopOnSignal() as stop:
+        while step < total and not stop.raised:
+            train_step(step)
+            step += 1
+            if step % every == 0 or (save_last and step == total) or (stop.raised and step < total):
+                saved = save(step)
+        if ended is not None:
+            ended(step)
+        if stop.raised and step < total:  # exit 128 + signal, the hint as the last line
+            stopped = stop.stopped(step, total, saved, out, resumed_latest)
+            log.info(str(stopped))
+            raise stopped
+    return step
