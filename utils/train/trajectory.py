@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from utils.images import image_grid, save_png, to_pil
+from utils.seeding import seeded_latents
 from utils.families.base import Cond, Family, View
 
 
@@ -65,8 +66,7 @@ def validation_grid(family: Family, unet: torch.nn.Module, views: dict[str, View
     unet.eval()
     for view_name, view in views.items():
         for i, prompt in enumerate(prompts):
-            gen = torch.Generator().manual_seed(seed + i)
-            z = torch.randn((n, *latent_shape), generator=gen).to(device)
+            z = seeded_latents(seed + i, (n, *latent_shape), device=device)
             with autocast():
                 z = ddim_sample(family, unet, view, scheduler, z, embeds[prompt], embeds[""], scale)
             rows.append(to_pil(family.decode(vae, z)))
@@ -97,7 +97,7 @@ class TrajectoryQueue:
         if not queue:
             ks = torch.randperm(self.num_steps, generator=generator)[:self.samples * self.reuse]
             groups = [g.sort().values.tolist() for g in ks.view(self.reuse, self.samples)]
-            z_T = torch.randn(tuple(shape), generator=generator).to(device)
+            z_T = seeded_latents(generator, shape, device=device)
             zs, ts = trajectory_points(family, unet, view, scheduler, z_T, embeds[concept], uncond, scale,
                                        [k for g in groups for k in g])
             n = self.samples * len(z_T)
