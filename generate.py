@@ -228,9 +228,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                          timeout=datetime.timedelta(hours=BARRIER_HOURS))
     device = state.device if args.device in (None, "", "auto") else resolve_device(args.device)
     dtype = resolve_dtype(args.mixed_precision, device)
+    pipeline_class = family_of(args.pretrained_model_name_or_path).pipeline(args.pipeline_type)  # before loading
     parts = load_parts(args.pretrained_model_name_or_path, args.unet_path, dtype, args.revision, args.variant,
                        args.tokenizer_path, args.text_encoder_path, loras)
-    pipe = build_pipeline(family_of(args.pretrained_model_name_or_path).pipeline(args.pipeline_type), parts, device)
+    pipe = build_pipeline(pipeline_class, parts, device)
     if args.textual_inversion:
         print(f"loaded token(s) {' '.join(load_embedding(pipe, args.textual_inversion))} from {args.textual_inversion}")
     args.safety_concept, cut = fit_to_tokenizer(pipe.tokenizer, args.safety_concept)  # as the prompts, for every mode

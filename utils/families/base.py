@@ -69,13 +69,31 @@ class Family:
         """Only the denoiser, from a pipeline folder or hub id."""
         raise NotImplementedError
 
-    def encode(self, parts, prompts: Sequence[str], device: torch.device) -> dict[str, Cond]:
-        """Condition (batch 1) for each distinct prompt, computed in one pass."""
+    def encode(self, parts, prompts: Sequence[str], device: torch.device,
+               size: tuple[int, int] | None = None) -> dict[str, Cond]:
+        """Condition (batch 1) for each distinct prompt, computed in one pass, for images of `size` (h, w) pixels
+        (None: the model's own; only families with size conditioning use it)."""
         raise NotImplementedError
 
     def free_text(self, parts) -> None:
         """Drop the text encoder(s) once every prompt is encoded."""
         raise NotImplementedError
+
+    def text_encoders(self, parts) -> list:
+        """The text encoders still loaded."""
+        return [parts.text_encoder] if parts.text_encoder is not None else []
+
+    def load_text(self, tokenizer_path: str | None, text_encoder_path: str | None) -> dict:
+        """generate.py's --tokenizer_path / --text_encoder_path: replacement parts from folders."""
+        raise NotImplementedError
+
+    def check_text_width(self, parts: dict, text_encoder_path: str | None) -> None:
+        """UserError when the text encoder's width is not what the U-Net's cross-attention takes."""
+        width, wanted = parts["text_encoder"].config.hidden_size, parts["unet"].config.cross_attention_dim
+        if isinstance(wanted, int) and width != wanted:
+            where = f" at {text_encoder_path}" if text_encoder_path else ""
+            raise UserError(f"the text encoder{where} gives {width}-wide embeddings, but the U-Net's "
+                            f"cross-attention takes {wanted}")
 
     # ------------------------------------------------------------------------------------------------ denoiser
     def unet_kwargs(self, cond: Cond) -> dict:

@@ -112,8 +112,9 @@ class SD(Family):
             out.append(text_encoder(ids.to(text_encoder.device))[0].to(device))
         return torch.cat(out)
 
-    def encode(self, parts: SDParts, prompts: Sequence[str], device: torch.device) -> dict[str, Cond]:
-        """Condition (1, L, D) for each distinct prompt, computed in one pass."""
+    def encode(self, parts: SDParts, prompts: Sequence[str], device: torch.device,
+               size: tuple[int, int] | None = None) -> dict[str, Cond]:
+        """Condition (1, L, D) for each distinct prompt, computed in one pass (SD takes no size conditioning)."""
         unique = list(dict.fromkeys(prompts))
         emb = self.encode_hidden(parts.tokenizer, parts.text_encoder, unique, device)
         return {p: Cond(emb[i:i + 1]) for i, p in enumerate(unique)}

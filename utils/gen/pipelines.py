@@ -73,10 +73,7 @@ def load_parts(name: str, unet_path: str | None, dtype: torch.dtype, revision: s
     parts = {**base.components, **family.load_text(tokenizer_path, text_encoder_path)}
     if text_encoder_path:
         parts["text_encoder"].to(dtype)
-    width, wanted = parts["text_encoder"].config.hidden_size, parts["unet"].config.cross_attention_dim
-    if isinstance(wanted, int) and width != wanted:
-        raise UserError(f"the text encoder{f' at {text_encoder_path}' if text_encoder_path else ''} gives {width}-wide "
-                        f"embeddings, but the U-Net's cross-attention takes {wanted}")
+    family.check_text_width(parts, text_encoder_path)
     return parts
 
 

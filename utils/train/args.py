@@ -33,6 +33,11 @@ def add_training_args(p: argparse.ArgumentParser, *, num_train_steps: int, weigh
     g.add_argument("--concept_steps", type=int, nargs="+", default=None, metavar="N", help="with --concept_method "
                    "sequential: each concept's steps, adding up to --num_train_steps (default: an even split)")
     g.add_argument("--guidance_scale", type=float, default=3.0, help="s_g: CFG scale used to sample z_t")
+    g.add_argument("--empty_prompt", choices=["encoded", "zeros"], default=None,
+                   help="c_0, the empty prompt's condition (SDD's target, the unconditional half of CFG): 'encoded' "
+                        "(or unset) = the text encoder(s) on \"\", as SD's pipelines and ESD's SDXL script; 'zeros' = "
+                        "all-zero hidden states and pooled embedding, as StableDiffusionXLPipeline makes an empty "
+                        "negative prompt (force_zeros_for_empty_prompt)")
     g.add_argument("--num_ddim_steps", type=int, default=50, help="N: DDIM steps of the sampling trajectory")
     g.add_argument("--trajectory_samples", type=int, default=1,
                    help="M: train on M distinct steps of each sampled trajectory (amortises the teacher; opt-in, "

@@ -155,8 +155,15 @@ class Run:
         args, parts, device, dtype, family = self.args, self.parts, self.device, self.dtype, self.family
         # text is encoded once (c_0 = "", the concepts, their joined string, validation prompts); then the text
         # encoder is freed. The VAE is kept only to decode validation images.
-        cast(parts.text_encoder, device, dtype)
-        self.embeds = family.encode(parts, ["", joined(self.concepts), *self.concepts, *self.val_prompts], device)
+        for encoder in family.text_encoders(parts):
+            cast(encoder, device, dtype)
+        size = tuple(n * family.vae_scale_factor(parts) for n in self.latent_shape[1:])
+        self.embeds = family.encode(parts, ["", joined(self.concepts), *self.concepts, *self.val_prompts], device,
+                                    size)
+        if args.empty_prompt == "zeros":  # c_0 as SDXL's pipeline makes an empty negative prompt
+            self.embeds[""] = Cond(torch.zeros_like(self.embeds[""].hidden),
+                                   {k: torch.zeros_like(v) if k == "text_embeds" else v
+                                    for k, v in self.embeds[""].extra.items()})
         family.free_text(parts)
         if self.val_prompts:
             parts.vae.encoder = None

@@ -1,0 +1,159 @@
+"""Stable Diffusion XL: two CLIP text encoders whose penultimate hidden states are concatenated (768 + 1280 = 2048 on
+SDXL base), the second one's projected pooled embedding, and the size/crop time ids, all given to the U-Net
+(added_cond_kwargs); DDIM for training's trajectories. diffusers has no SLD or SEGA for SDXL."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
+
+from utils.cli import UserError
+from utils.families.base import Cond, Family
+from utils.families.sd import SD
+from utils.loading import check_model_source, from_pretrained
+
+REFUSED = {  # model_index.json classes that look like SDXL but are not the text-to-image base model
+    "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner / image-to-image checkpoint",
+    "StableDiffusionXLInpaintPipeline": "an SDXL inpainting checkpoint",
+}
+
+
+@dataclass
+class SDXLParts:
+    """The parts of an SDXL checkpoint that training needs."""
+
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer
+    text_encoder: CLIPTextModel | None
+    text_encoder_2: CLIPTextModelWithProjection | None
+    vae: AutoencoderKL | None
+    unet: UNet2DConditionModel
+    scheduler: DDIMScheduler
+
+
+def _pipelines() -> dict[str, type]:
+    """StableDiffusionXLPipeline, imported without transformers' torchvision notice (we use no image processor)."""
+    old = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        from diffusers import StableDiffusionXLPipeline
+    finally:
+        transformers_logging.set_verbosity(old)
+    return {"sd": StableDiffusionXLPipeline}
+
+
+class SDXL(Family):
+    """SDXL base (1.0 and models of its shape)."""
+
+    name = "sdxl"
+    parts_class = "SDXLParts"
+    pipeline_classes = ("StableDiffusionXLPipeline",)
+    SUBSETS = SD.SUBSETS  # the same diffusers module names (attn2 = cross-attention)
+    PIPELINES = _pipelines()
+
+    def load(self, name: str, revision: str | None = None, variant: str | None = None) -> SDXLParts:
+        """Both tokenizers and text encoders, VAE, U-Net (checked to be a base text-to-image one) and DDIM."""
+        check_model_source(name)
+        kw = dict(revision=revision)
+        unet = self.load_unet(name, variant=variant, **kw)
+        parts = dict(
+            tokenizer=from_pretrained(CLIPTokenizer, name, subfolder="tokenizer", **kw),
+            tokenizer_2=from_pretrained(CLIPTokenizer, name, subfolder="tokenizer_2", **kw),
+            text_encoder=from_pretrained(CLIPTextModel, name, subfolder="text_encoder", variant=variant, **kw),
+            text_encoder_2=from_pretrained(CLIPTextModelWithProjection, name, subfolder="text_encoder_2",
+                                           variant=variant, **kw),
+            vae=from_pretrained(AutoencoderKL, name, subfolder="vae", variant=variant, **kw))
+        local = Path(name).expanduser().exists()
+        config = DDIMScheduler.load_config(name, subfolder="scheduler", revision=revision) if local \
+            else from_pretrained(DDIMScheduler, name, subfolder="scheduler", **kw).config
+        return SDXLParts(**parts, unet=unet, scheduler=DDIMScheduler.from_config(config))
+
+    def load_unet(self, name: str, **kwargs) -> UNet2DConditionModel:
+        """The U-Net of a pipeline folder, hub id or U-Net folder; UserError unless it is an SDXL base U-Net."""
+        sub = {} if (Path(name).expanduser() / "config.json").is_file() else {"subfolder": "unet"}
+        unet = from_pretrained(UNet2DConditionModel, name, **sub, **kwargs)
+        self.check_unet(unet, name)
+        return unet
+
+    def check_unet(self, unet: torch.nn.Module, source: str) -> None:
+        """One line when the U-Net is not SDXL base's kind (text_time conditioning, 4 latent channels)."""
+        config = unet.config
+        if config.addition_embed_type != "text_time":
+            raise UserError(f"the U-Net of {source} is not an SDXL U-Net (it takes no pooled text embedding and "
+                            f"time ids)")
+        if config.in_channels != config.out_channels:
+            raise UserError(f"the U-Net of {source} takes {config.in_channels} input channels: an inpainting "
+                            f"U-Net, not SDXL base's")
+        if config.projection_class_embeddings_input_dim is not None and config.addition_time_embed_dim:
+            ids = (config.projection_class_embeddings_input_dim - self.pooled_width(unet)) // \
+                config.addition_time_embed_dim
+            if ids != 6:
+                raise UserError(f"the U-Net of {source} takes {ids} time ids, not SDXL base's 6 (an SDXL refiner "
+                                f"takes 5, with an aesthetic score)")
+
+    @staticmethod
+    def pooled_width(unet: torch.nn.Module) -> int:
+        """Width of the pooled text embedding the U-Net's added embedding expects."""
+        c = unet.config
+        return c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+
+    def load_text(self, tokenizer_path: str | None, text_encoder_path: str | None) -> dict:
+        """--tokenizer_path / --text_encoder_path replace SD 1.x/2.x's single encoder; not for SDXL's two."""
+        if tokenizer_path or text_encoder_path:
+            raise UserError("--tokenizer_path / --text_encoder_path replace one text encoder; an SDXL model has two "
+                            "(use --textual_inversion for new tokens)")
+        return {}
+
+    @torch.no_grad()
+    def encode(self, parts: SDXLParts, prompts: Sequence[str], device: torch.device,
+               size: tuple[int, int] | None = None) -> dict[str, Cond]:
+        """Each distinct prompt: both encoders' penultimate hidden states concatenated, text_encoder_2's projected
+        pooled embedding, and time ids (h, w, 0, 0, h, w) at `size` (default: the model's resolution)."""
+        unique = list(dict.fromkeys(prompts))
+        h, w = size or (self.default_resolution(parts),) * 2
+        hidden, pooled = [], None
+        for tok, enc in ((parts.tokenizer, parts.text_encoder), (parts.tokenizer_2, parts.text_encoder_2)):
+            ids = tok(unique, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(enc.device)
+            out = enc(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2].to(device))
+            if isinstance(enc, CLIPTextModelWithProjection):
+                pooled = out.text_embeds.to(device)
+        states = torch.cat(hidden, dim=-1)
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=states.dtype, device=device)
+        return {p: Cond(states[i:i + 1], {"text_embeds": pooled[i:i + 1], "time_ids": time_ids})
+                for i, p in enumerate(unique)}
+
+    def free_text(self, parts: SDXLParts) -> None:
+        """Drop both text encoders."""
+        parts.text_encoder = parts.text_encoder_2 = None
+
+    def text_encoders(self, parts) -> list:
+        """The text encoders still loaded (cast together with the U-Net)."""
+        return [e for e in (parts.text_encoder, parts.text_encoder_2) if e is not None]
+
+    def unet_kwargs(self, cond: Cond) -> dict:
+        """encoder_hidden_states, plus the pooled embedding and time ids as added_cond_kwargs."""
+        return {"encoder_hidden_states": cond.hidden, "added_cond_kwargs": dict(cond.extra)}
+
+    def check_text_width(self, parts: dict, text_encoder_path: str | None) -> None:
+        """The two encoders' widths add up to the U-Net's cross-attention width."""
+        width = parts["text_encoder"].config.hidden_size + parts["text_encoder_2"].config.hidden_size
+        if width != parts["unet"].config.cross_attention_dim:
+            raise UserError(f"the text encoders give {width}-wide embeddings, but the U-Net's cross-attention takes "
+                            f"{parts['unet'].config.cross_attention_dim}")
+
+    def pipeline(self, mode: str) -> type:
+        """StableDiffusionXLPipeline for sd (and neg); SLD and SEGA exist only for SD 1.x/2.x."""
+        if mode in ("sld", "sega"):
+            raise UserError(f"--pipeline_type {mode} exists only for SD 1.x/2.x: diffusers has no SDXL variant of "
+                            f"{'SLD' if mode == 'sld' else 'SEGA'}; use --pipeline_type sd (with --pipeline_config neg "
+                            f"for a negative prompt)")
+        if mode not in self.PIPELINES:
+            raise UserError(f"--pipeline_type {mode} does not exist (choose from {', '.join(self.PIPELINES)})")
+        return self.PIPELINES[mode]
