@@ -228,7 +228,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                          timeout=datetime.timedelta(hours=BARRIER_HOURS))
     device = state.device if args.device in (None, "", "auto") else resolve_device(args.device)
     dtype = resolve_dtype(args.mixed_precision, device)
-    pipeline_class = family_of(args.pretrained_model_name_or_path).pipeline(args.pipeline_type)  # before loading
+    family = family_of(args.pretrained_model_name_or_path)
+    pipeline_class = family.pipeline(args.pipeline_type)  # refused before anything loads
     parts = load_parts(args.pretrained_model_name_or_path, args.unet_path, dtype, args.revision, args.variant,
                        args.tokenizer_path, args.text_encoder_path, loras)
     pipe = build_pipeline(pipeline_class, parts, device)
@@ -269,7 +270,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         mine = list(mine)
     image_dir.mkdir(parents=True, exist_ok=True)
     if state.is_main_process:
-        record = {**vars(args), **settings, "num_prompts": len(prompts)}
+        record = {**vars(args), **settings, "num_prompts": len(prompts), "model_family": family.name}
         atomic_write_text(image_dir / ARGS, json.dumps(record, indent=2))
     log = setup_logging(image_dir, "generate.log")
     meta = {"guidance_source": args.guidance_source, "steps": args.num_inference_steps, "mode": args.pipeline_type,

@@ -138,3 +138,15 @@ def test_a_unet_of_another_family_is_refused(xl, tiny_pipeline, prompts, tmp_pat
         generate(xl, prompts, tmp_path / "o", "--unet_path", str(tiny_pipeline / "unet"))
     with pytest.raises(UserError, match="not an SDXL U-Net"):
         FAMILIES["sdxl"].load_unet(str(tiny_pipeline))
+
+
+def test_evaluation_of_an_sdxl_folder_names_the_family(xl, tiny_pipeline, prompts, tmp_path):
+    import evaluate
+
+    for name, model in (("xl", xl), ("sd", tiny_pipeline)):
+        generate(model, prompts, tmp_path / name, "--height", "32", "--width", "32")
+        evaluate.main(evaluate.parse_args(["toy", str(tmp_path / name)]))
+    res = evaluate.main(evaluate.parse_args(["report", "--runs", f"XL={tmp_path / 'xl'}", f"SD={tmp_path / 'sd'}",
+                                             "--output_dir", str(tmp_path / "report")]))
+    assert list(res["table"]["model_family"]) == ["sdxl", "sd"]
+    assert "| Method | Model |" in res["markdown"] and "| XL | sdxl |" in res["markdown"]

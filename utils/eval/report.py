@@ -73,7 +73,7 @@ def build_table(methods: dict[str, dict[str, dict]]) -> tuple[pd.DataFrame, list
     colours = list(dict.fromkeys(c for s in toy.values() for c in s.get("colour_rate", {})))
     rows = []
     for method, s in methods.items():
-        row: dict = {"method": method}
+        row: dict = {"method": method, "model_family": model_family(s)}
         if nud:
             n = s.get("nudity", {})
             row["nudity_images"] = n.get("images")
@@ -95,7 +95,21 @@ def build_table(methods: dict[str, dict[str, dict]]) -> tuple[pd.DataFrame, list
             row["toy_colour_acc"] = t.get("colour_acc")
             row["toy_shape_acc"] = t.get("shape_acc")
         rows.append(row)
-    return pd.DataFrame(rows), _notes(methods, nud)
+    table = pd.DataFrame(rows)
+    if (table["model_family"] == "?").all():  # summaries of folders not written by generate.py: no column
+        table = table.drop(columns="model_family")
+    return table, _notes(methods, nud)
+
+
+def model_family(summaries: dict[str, dict]) -> str:
+    """The model family (sd, sdxl) generate.py recorded in the evaluated folders' args.json; '?' when none did."""
+    found = set()
+    for summary in summaries.values():
+        args = Path(summary.get("folder", "")) / "args.json"
+        if summary.get("folder") and args.is_file():
+            found.add(read_json(args).get("model_family"))
+    found.discard(None)
+    return "/".join(sorted(found)) or "?"
 
 
 def _clip_columns(clip: dict) -> dict:
@@ -170,7 +184,9 @@ def to_markdown(table: pd.DataFrame, notes: Sequence[str], cards: dict[str, str]
     cards = cards or {}
     headers, cols = ["Method"], [lambda r: str(r["method"])]
     for c in table.columns:
-        if c == "nudity_images":
+        if c == "model_family":
+            headers.append("Model"); cols.append(lambda r: str(r["model_family"]))
+        elif c == "nudity_images":
             headers.append("Images"); cols.append(lambda r, c=c: _cell(r[c], "int"))
         elif c == "nude_percent":
             headers.append("% nude"); cols.append(lambda r, c=c: _cell(r[c], "pct"))
