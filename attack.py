@@ -14,7 +14,8 @@ judged the concept's colour; nudity: NudeNet nudity rate). See docs/attack.md.
       --num_target_images 24 --guidance_scale 5 --num_inference_steps 20 --output_dir outputs/attack-toy-esd
 
 Outputs in --output_dir: targets/ + target_prompts.txt (generated targets), learned_embeds.safetensors (loads with
-pipe.load_textual_inversion; generate.py --textual_inversion), pre_attack_prompts.txt + pre_attack/,
+pipe.load_textual_inversion; SDXL: clip_l and clip_g, one call per text encoder; generate.py --textual_inversion),
+pre_attack_prompts.txt + pre_attack/,
 adversarial_prompts.txt + post_attack/ (images, metadata.csv, scorer files), attack_grid.png, attack_summary.json,
 attack.log, args.json and checkpoint-N/ (--resume_from_checkpoint latest continues an interrupted attack).
 """
@@ -133,18 +134,19 @@ def _check(args: argparse.Namespace) -> dict:
     if resume is not None and not args.overwrite_output_dir:
         check_same_run(resume, attack_identity(args))
     device = resolve_device(args.device)
-    parts = family_of(args.pretrained_model_name_or_path).load(args.pretrained_model_name_or_path, args.revision,
-                                                                args.variant)
+    family = family_of(args.pretrained_model_name_or_path)
+    parts = family.load(args.pretrained_model_name_or_path, args.revision, args.variant)
     if args.unet_path:
         load_unet_into(parts.unet, args.unet_path)
-    concept_token_ids(parts.tokenizer, args.concept)
-    init_ids = concept_token_ids(parts.tokenizer, args.initializer_token or args.concept,
-                                 "--initializer_token" if args.initializer_token else "--concept")
-    tokens = placeholder_tokens(placeholder, args.num_vectors)
-    new_ids = add_placeholder_tokens(parts.tokenizer, tokens)
-    resolution = args.resolution or parts.default_resolution
-    if resolution % parts.vae_scale_factor:
-        raise UserError(f"--resolution must be a multiple of {parts.vae_scale_factor} (the VAE's scale factor)")
+    tokenizers, tokens = family.tokenizers(parts), placeholder_tokens(placeholder, args.num_vectors)
+    for tokenizer in tokenizers:  # one learned tensor per text encoder, each from its own tokenizer's ids
+        concept_token_ids(tokenizer, args.concept)
+    init_flag = "--initializer_token" if args.initializer_token else "--concept"
+    init_ids = [concept_token_ids(tok, args.initializer_token or args.concept, init_flag) for tok in tokenizers]
+    new_ids = [add_placeholder_tokens(tok, tokens) for tok in tokenizers]
+    resolution, f = args.resolution or family.default_resolution(parts), family.vae_scale_factor(parts)
+    if resolution % f:
+        raise UserError(f"--resolution must be a multiple of {f} (the VAE's scale factor)")
     return dict(templates=templates, prompts=prompts, target_prompts=target_prompts, placeholder=placeholder,
                 resume=resume, device=device, parts=parts, init_ids=init_ids, tokens=tokens, new_ids=new_ids,
                 resolution=resolution)
@@ -186,13 +188,13 @@ def _invert(args, c: dict, target_dir: Path, out: Path) -> Path:
         logging.getLogger("sdd").info("using the learned embedding already in %s", embedding)
         return embedding
     inv = prepare(c.pop("parts"), c["init_ids"], c["tokens"], c["new_ids"], c["device"], DTYPES[args.mixed_precision],
-                  args.gradient_checkpointing)
+                  args.gradient_checkpointing, size=(c["resolution"],) * 2)
     targets = load_targets(target_dir, c["resolution"], args.concept, " ".join(c["tokens"]), c["templates"])
     logging.getLogger("sdd").info("%d target images from %s; tokens %s", len(targets.pixels), targets.folder,
                                   c["tokens"])
     resume = None if args.overwrite_output_dir else c["resume"]
     train_embedding(inv, targets, args, out, resume)  # raises Stopped on Ctrl-C / SIGTERM, after a checkpoint
-    save_embedding(embedding, c["placeholder"], inv.learned, {
+    save_embedding(embedding, inv, c["placeholder"], {
         "concept": args.concept, "base_model": args.pretrained_model_name_or_path, "unet_path": str(args.unet_path),
         "num_train_steps": str(args.num_train_steps)})
     return embedding

@@ -1,9 +1,10 @@
 """Concept inversion: textual inversion on an erased model, learning new token embeddings that draw the concept again.
 
 New tokens (a placeholder and, for N vectors, placeholder_1 ... placeholder_{N-1}, the names diffusers'
-load_textual_inversion gives a multi-vector embedding) are added to the tokenizer, initialised from the concept
+load_textual_inversion gives a multi-vector embedding) are added to the tokenizer(s), initialised from the concept
 word's embedding and trained alone (every other weight frozen) with the denoising loss on the target images' VAE
-latents. The result is a diffusers textual-inversion file.
+latents: one (N, D) tensor per text encoder (SDXL: two), turned into a condition by the model family
+(Family.caption_cond). The result is the family's textual-inversion file (Family.embedding_file).
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from tqdm.auto import tqdm
 from utils.cli import UserError
 from utils.eval.common import load_image_folder, load_rgb
 from utils.families import Cond, Family, family_of_parts
-from utils.families.sd import SDParts
 from utils.loading import cast
 from utils.saving import atomic_write
 from utils.text import read_word_list
@@ -144,42 +144,85 @@ def encode_targets(vae, pixels: torch.Tensor, device: torch.device, dtype: torch
 
 # -------------------------------------------------------------------------------------------------------- training
 @dataclass
-class Inversion:
-    """The frozen model, the trained rows and what a step needs."""
+class LearnedRows:
+    """One text encoder's new rows: the trained (N, D) tensor and what swaps it into the frozen encoder."""
 
-    family: Family
-    parts: SDParts
-    learned: torch.nn.Parameter          # (N, D): the only trained tensor
-    frozen: torch.Tensor                 # the text encoder's (resized) embedding matrix
+    encoder: torch.nn.Module
+    learned: torch.nn.Parameter          # (N, D): trained
+    frozen: torch.Tensor                 # the encoder's (resized) embedding matrix
     weight_name: str                     # its parameter name, for functional_call
     new_ids: torch.Tensor
-    tokens: list[str]
 
-    def encode(self, captions: Sequence[str]) -> torch.Tensor:
-        """Text-encoder states of the captions with the learned rows in place of the new tokens' embeddings."""
-        tok = self.parts.tokenizer
-        ids = tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(self.frozen.device)
+    def run(self, ids: torch.Tensor, **kwargs):
+        """The encoder's output with the learned rows in place of the new tokens' embeddings."""
         weight = self.frozen.index_put((self.new_ids,), self.learned)
-        return functional_call(self.parts.text_encoder, {self.weight_name: weight}, (ids,))[0]
+        return functional_call(self.encoder, {self.weight_name: weight}, (ids,), kwargs)
 
 
-def prepare(parts: SDParts, concept_ids: Sequence[int], tokens: Sequence[str], new_ids: Sequence[int],
-            device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool = False) -> Inversion:
-    """Resize the embedding matrix, freeze everything, start the new rows at the mean of the concept's embeddings."""
-    te = parts.text_encoder
-    te.resize_token_embeddings(len(parts.tokenizer), mean_resizing=False)
-    emb = te.get_input_embeddings()
-    weight_name = next(n for n, m in te.named_modules() if m is emb) + ".weight"
-    te.requires_grad_(False).eval().to(device)  # fp32: the learned rows and their gradient stay exact
+@dataclass
+class Inversion:
+    """The frozen model, the trained rows (one tensor per text encoder) and what a step needs."""
+
+    family: Family
+    parts: object                        # the family's parts (SDParts, SDXLParts)
+    rows: list[LearnedRows]
+    tokens: list[str]
+    size: tuple[int, int] | None = None  # image size of the targets (for families with size conditioning)
+
+    @property
+    def learned(self) -> torch.nn.Parameter:
+        """The first text encoder's rows (SD's only ones)."""
+        return self.rows[0].learned
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        """Every trained tensor, one per text encoder."""
+        return [r.learned for r in self.rows]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the text encoders and the learned rows are."""
+        return self.rows[0].frozen.device
+
+    def encode(self, captions: Sequence[str]) -> Cond:
+        """The captions' condition with the learned rows in place of the new tokens' embeddings."""
+        return self.family.caption_cond(self.parts, captions, self.device, self.size, [r.run for r in self.rows])
+
+
+def _per_encoder(ids: Sequence) -> list[list[int]]:
+    """One list of token ids per text encoder (a flat list: the only encoder's)."""
+    return [list(ids)] if ids and isinstance(ids[0], int) else [list(i) for i in ids]
+
+
+def _learned_rows(encoder, tokenizer, concept_ids: Sequence[int], n: int, new_ids: Sequence[int],
+                  device: torch.device) -> LearnedRows:
+    """Resize one encoder's embedding matrix, freeze it, start its new rows at the mean of the concept's embeddings."""
+    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    emb = encoder.get_input_embeddings()
+    weight_name = next(name for name, m in encoder.named_modules() if m is emb) + ".weight"
+    encoder.requires_grad_(False).eval().to(device)  # fp32: the learned rows and their gradient stay exact
+    frozen = emb.weight.detach()
+    start = frozen[list(concept_ids)].mean(0, keepdim=True).repeat(n, 1)
+    return LearnedRows(encoder, torch.nn.Parameter(start.clone()), frozen, weight_name,
+                       torch.tensor(list(new_ids), device=device))
+
+
+def prepare(parts, concept_ids: Sequence, tokens: Sequence[str], new_ids: Sequence, device: torch.device,
+            dtype: torch.dtype, gradient_checkpointing: bool = False, size: tuple[int, int] | None = None) -> Inversion:
+    """Resize the embedding matrices, freeze everything, start the new rows at the mean of the concept's embeddings.
+    concept_ids and new_ids: one list per text encoder (for a one-encoder family, a flat list will do)."""
+    family = family_of_parts(parts)
+    encoders, tokenizers = family.text_encoders(parts), family.tokenizers(parts)
+    concept_ids, new_ids = _per_encoder(concept_ids), _per_encoder(new_ids)
+    if not len(encoders) == len(concept_ids) == len(new_ids):
+        raise ValueError(f"{len(encoders)} text encoders, but token ids for {len(concept_ids)} / {len(new_ids)}")
+    rows = [_learned_rows(enc, tok, c, len(tokens), n, device)
+            for enc, tok, c, n in zip(encoders, tokenizers, concept_ids, new_ids)]
     parts.unet = cast(parts.unet, device, dtype).requires_grad_(False).eval()
     parts.vae = cast(parts.vae, device, dtype).requires_grad_(False).eval()
     if gradient_checkpointing:  # diffusers recomputes whenever grad is enabled, in eval mode too
         parts.unet.enable_gradient_checkpointing()
-    frozen = emb.weight.detach()
-    start = frozen[list(concept_ids)].mean(0, keepdim=True).repeat(len(tokens), 1)
-    return Inversion(family_of_parts(parts), parts, torch.nn.Parameter(start.clone()), frozen, weight_name,
-                     torch.tensor(list(new_ids), device=device), list(tokens))
+    return Inversion(family, parts, rows, list(tokens), size)
 
 
 def denoising_loss(inv: Inversion, latents: torch.Tensor, captions: Sequence[str], generator: torch.Generator,
@@ -190,16 +233,18 @@ def denoising_loss(inv: Inversion, latents: torch.Tensor, captions: Sequence[str
     t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=generator).to(latents.device)
     noisy, target = inv.family.noised(sched, latents, noise, t)
     unet = inv.parts.unet
-    cond = Cond(inv.encode(captions)).to(unet.device, unet.dtype)
+    cond = inv.encode(captions).to(unet.device, unet.dtype)
     with autocast():
         pred = inv.family.predict(unet, None, noisy.to(unet.dtype), t, cond)
     return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 
-def save_embedding(path: str | os.PathLike, placeholder: str, learned: torch.Tensor, metadata: dict[str, str]) -> None:
-    """{placeholder: (N, D) tensor} as safetensors, the layout pipe.load_textual_inversion(path) reads; atomic."""
-    tensors = {placeholder: learned.detach().float().cpu().contiguous()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+def save_embedding(path: str | os.PathLike, inv: Inversion, placeholder: str, metadata: dict[str, str]) -> None:
+    """The learned rows as the family's textual-inversion file (SD: {placeholder: (N, D)}, the layout
+    pipe.load_textual_inversion(path) reads; SDXL: clip_l and clip_g), safetensors, atomic."""
+    tensors, extra = inv.family.embedding_file(placeholder, inv.tokens,
+                                               [p.detach().float().cpu().contiguous() for p in inv.params])
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={**metadata, **extra}))
 
 
 def attack_identity(args) -> dict:
@@ -209,18 +254,23 @@ def attack_identity(args) -> dict:
 
 def _save_checkpoint(out: Path, step: int, inv: Inversion, optimizer, lr_scheduler, scaler, generator,
                      args) -> Path:
-    blob = {"learned": inv.learned.detach().cpu(), "tokens": inv.tokens, "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(generator)}
+    learned = [p.detach().cpu() for p in inv.params]
+    blob = {"learned": learned[0] if len(learned) == 1 else learned, "tokens": inv.tokens,  # one: SD's layout
+            "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng_state(generator)}
     return save_state(out, step, blob, attack_identity(args), args.checkpoints_total_limit)
 
 
 def _load_checkpoint(path: Path, inv: Inversion, optimizer, lr_scheduler, scaler, generator) -> int:
     state = load_state(path, what="attack.py")
-    if "learned" not in state or state["learned"].shape != inv.learned.shape or state["tokens"] != inv.tokens:
+    learned = state.get("learned")
+    learned = [learned] if isinstance(learned, torch.Tensor) else list(learned or [])
+    if [t.shape for t in learned] != [p.shape for p in inv.params] or state["tokens"] != inv.tokens:
         raise UserError(f"checkpoint {path} is not an attack checkpoint with {len(inv.tokens)} vector(s) "
                         f"for {inv.tokens[0]}")
     with torch.no_grad():
-        inv.learned.copy_(state["learned"])
+        for p, t in zip(inv.params, learned):
+            p.copy_(t)
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     scaler.load_state_dict(state["scaler"])
@@ -230,11 +280,11 @@ def _load_checkpoint(path: Path, inv: Inversion, optimizer, lr_scheduler, scaler
 
 def train_embedding(inv: Inversion, targets: Targets, args, out: Path, resume: Path | None) -> int:
     """Train the new rows for args.num_train_steps (checkpoints, resume, Ctrl-C saves); return the step reached."""
-    device, dtype = inv.frozen.device, inv.parts.unet.dtype
+    device, dtype = inv.device, inv.parts.unet.dtype
     mean, std = encode_targets(inv.parts.vae, targets.pixels, device, dtype)
     vae_cfg = inv.parts.vae.config
     shift, scale = getattr(vae_cfg, "shift_factor", None) or 0.0, vae_cfg.scaling_factor
-    optimizer, lr_scheduler, scaler = make_adamw([inv.learned], args, device, dtype)
+    optimizer, lr_scheduler, scaler = make_adamw(inv.params, args, device, dtype)
     generator = torch.Generator().manual_seed(args.seed)
     autocast = partial(autocast_to, device, dtype)
     step = 0
@@ -256,7 +306,7 @@ def train_embedding(inv: Inversion, targets: Targets, args, out: Path, resume: P
         scaler.scale(loss).backward()
         if args.max_grad_norm > 0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([inv.learned], args.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(inv.params, args.max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         lr_scheduler.step()

@@ -48,3 +48,8 @@ def _index_class(name: str) -> str | None:
 def family_of_parts(parts) -> Family:
     """The family whose load() made these parts."""
     return next(f for f in FAMILIES.values() if type(parts).__name__ == f.parts_class)
+
+
+def family_of_pipeline(pipe) -> Family:
+    """The family of a diffusers pipeline instance (SD 1.x/2.x for a class no family names)."""
+    return next((f for f in FAMILIES.values() if type(pipe).__name__ in f.pipeline_classes), FAMILIES[DEFAULT])

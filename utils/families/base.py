@@ -83,6 +83,16 @@ class Family:
         """The text encoders still loaded."""
         return [parts.text_encoder] if parts.text_encoder is not None else []
 
+    def tokenizers(self, parts) -> list:
+        """The tokenizers, one per text encoder and in the same order as text_encoders()."""
+        return [parts.tokenizer]
+
+    def caption_cond(self, parts, captions: Sequence[str], device: torch.device, size: tuple[int, int] | None = None,
+                     runs: Sequence[Callable] | None = None) -> Cond:
+        """Condition (B, ...) of a batch of captions, with gradients; runs[i] (ids, **kwargs) -> output stands in
+        for text encoder i (the attack's: with learned token rows swapped in); size as in encode."""
+        raise NotImplementedError
+
     def load_text(self, tokenizer_path: str | None, text_encoder_path: str | None) -> dict:
         """generate.py's --tokenizer_path / --text_encoder_path: replacement parts from folders."""
         raise NotImplementedError
@@ -192,6 +202,17 @@ class Family:
     def subset_names(self, names, method: str) -> list[str]:
         """Which of these parameter names `method` trains."""
         return [n for n in names if self.SUBSETS[method](n)]
+
+    # ------------------------------------------------------------------------------------------------ textual inversion
+    def embedding_file(self, placeholder: str, tokens: Sequence[str],
+                       learned: Sequence[torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors and extra metadata of a textual-inversion file of learned rows (one (N, D) tensor per text
+        encoder): here one encoder's, {placeholder: rows}, the layout pipe.load_textual_inversion(path) reads."""
+        return {placeholder: learned[0]}, {}
+
+    def load_embedding(self, pipe, path: str) -> None:
+        """Add a textual-inversion file's tokens to a pipeline of this family."""
+        pipe.load_textual_inversion(str(path))
 
     # ------------------------------------------------------------------------------------------------ generation
     def pipeline(self, mode: str) -> type:

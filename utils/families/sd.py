@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -118,6 +118,14 @@ class SD(Family):
         unique = list(dict.fromkeys(prompts))
         emb = self.encode_hidden(parts.tokenizer, parts.text_encoder, unique, device)
         return {p: Cond(emb[i:i + 1]) for i, p in enumerate(unique)}
+
+    def caption_cond(self, parts: SDParts, captions: Sequence[str], device: torch.device,
+                     size: tuple[int, int] | None = None, runs: Sequence[Callable] | None = None) -> Cond:
+        """Last hidden states (B, L, D) of the captions, with gradients (runs[0] in place of the text encoder)."""
+        tok, run = parts.tokenizer, runs[0] if runs else parts.text_encoder
+        ids = tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        return Cond(run(ids.to(parts.text_encoder.device))[0].to(device))
 
     def free_text(self, parts: SDParts) -> None:
         """Drop the text encoder (the tokenizer is kept: it is small)."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from safetensors import safe_open
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
@@ -17,6 +18,7 @@ from utils.families.base import Cond, Family
 from utils.families.sd import SD
 from utils.loading import check_model_source, from_pretrained
 
+EMBEDDING_KEYS = ("clip_l", "clip_g")  # SDXL textual-inversion files: text_encoder's rows, text_encoder_2's
 REFUSED = {  # model_index.json classes that look like SDXL but are not the text-to-image base model
     "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner / image-to-image checkpoint",
     "StableDiffusionXLInpaintPipeline": "an SDXL inpainting checkpoint",
@@ -112,22 +114,33 @@ class SDXL(Family):
     @torch.no_grad()
     def encode(self, parts: SDXLParts, prompts: Sequence[str], device: torch.device,
                size: tuple[int, int] | None = None) -> dict[str, Cond]:
-        """Each distinct prompt: both encoders' penultimate hidden states concatenated, text_encoder_2's projected
-        pooled embedding, and time ids (h, w, 0, 0, h, w) at `size` (default: the model's resolution)."""
+        """Each distinct prompt's condition (caption_cond), computed in one pass."""
         unique = list(dict.fromkeys(prompts))
+        cond = self.caption_cond(parts, unique, device, size)
+        return {p: Cond(cond.hidden[i:i + 1], {k: v[i:i + 1] for k, v in cond.extra.items()})
+                for i, p in enumerate(unique)}
+
+    def caption_cond(self, parts: SDXLParts, captions: Sequence[str], device: torch.device,
+                     size: tuple[int, int] | None = None, runs: Sequence[Callable] | None = None) -> Cond:
+        """Both encoders' penultimate hidden states concatenated, text_encoder_2's projected pooled embedding, and
+        time ids (h, w, 0, 0, h, w) at `size` (default: the model's resolution); runs[i] in place of encoder i."""
         h, w = size or (self.default_resolution(parts),) * 2
+        encoders = (parts.text_encoder, parts.text_encoder_2)
         hidden, pooled = [], None
-        for tok, enc in ((parts.tokenizer, parts.text_encoder), (parts.tokenizer_2, parts.text_encoder_2)):
-            ids = tok(unique, padding="max_length", max_length=tok.model_max_length, truncation=True,
+        for tok, enc, run in zip(self.tokenizers(parts), encoders, runs or encoders):
+            ids = tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt").input_ids.to(enc.device)
-            out = enc(ids, output_hidden_states=True)
+            out = run(ids, output_hidden_states=True)
             hidden.append(out.hidden_states[-2].to(device))
-            if isinstance(enc, CLIPTextModelWithProjection):
+            if enc is parts.text_encoder_2:  # the one with the projection
                 pooled = out.text_embeds.to(device)
         states = torch.cat(hidden, dim=-1)
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=states.dtype, device=device)
-        return {p: Cond(states[i:i + 1], {"text_embeds": pooled[i:i + 1], "time_ids": time_ids})
-                for i, p in enumerate(unique)}
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=states.dtype, device=device).expand(len(states), -1)
+        return Cond(states, {"text_embeds": pooled, "time_ids": time_ids})
+
+    def tokenizers(self, parts) -> list:
+        """tokenizer (CLIP-L's) and tokenizer_2 (CLIP-G's)."""
+        return [parts.tokenizer, parts.tokenizer_2]
 
     def free_text(self, parts: SDXLParts) -> None:
         """Drop both text encoders."""
@@ -147,6 +160,27 @@ class SDXL(Family):
         if width != parts["unet"].config.cross_attention_dim:
             raise UserError(f"the text encoders give {width}-wide embeddings, but the U-Net's cross-attention takes "
                             f"{parts['unet'].config.cross_attention_dim}")
+
+    def embedding_file(self, placeholder: str, tokens: Sequence[str],
+                       learned: Sequence[torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """SDXL's textual-inversion layout: {"clip_l": (N, 768), "clip_g": (N, 1280)} (SDXL base's widths), the
+        tokens in the metadata ("tokens": space-separated), for the two load_textual_inversion calls of
+        load_embedding."""
+        return dict(zip(EMBEDDING_KEYS, learned)), {"tokens": " ".join(tokens)}
+
+    def load_embedding(self, pipe, path: str) -> None:
+        """clip_l into text_encoder / tokenizer, clip_g into text_encoder_2 / tokenizer_2, as the tokens its metadata
+        names (a file without them: its name, as an (N, D) embedding's p, p_1, ...)."""
+        with safe_open(str(path), "pt") as f:
+            missing = [k for k in EMBEDDING_KEYS if k not in f.keys()]
+            if missing:
+                raise UserError(f"it holds no {missing[0]!r} tensor: an SDXL embedding has "
+                                f"{' and '.join(EMBEDDING_KEYS)} (attack.py on an SDXL model writes one)")
+            tensors, meta = {k: f.get_tensor(k) for k in EMBEDDING_KEYS}, f.metadata() or {}
+        tokens = meta["tokens"].split() if meta.get("tokens") else Path(path).stem
+        for key, enc, tok in zip(EMBEDDING_KEYS, (pipe.text_encoder, pipe.text_encoder_2),
+                                 (pipe.tokenizer, pipe.tokenizer_2)):
+            pipe.load_textual_inversion(tensors[key], token=tokens, text_encoder=enc, tokenizer=tok)
 
     def pipeline(self, mode: str) -> type:
         """StableDiffusionXLPipeline for sd (and neg); SLD and SEGA exist only for SD 1.x/2.x."""

@@ -14,7 +14,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from utils.cli import UserError
-from utils.families import FAMILIES, family_of
+from utils.families import FAMILIES, family_of, family_of_pipeline
 from utils.lora import apply_loras
 from utils.loading import check_model_source, from_pretrained, no_loading_bars
 from utils.saving import load_unet_into
@@ -150,7 +150,8 @@ def build_pipeline(pipeline_class: type, parts: dict[str, Any], device: torch.de
 
 
 def load_embedding(pipe, path: str | os.PathLike) -> list[str]:
-    """Add a textual-inversion file's token(s) to `pipe` with diffusers' load_textual_inversion; returns them."""
+    """Add a textual-inversion file's token(s) to `pipe` with diffusers' load_textual_inversion, as its family's
+    files load (SDXL: clip_l and clip_g, one call per text encoder); returns them."""
     if not hasattr(pipe, "load_textual_inversion"):
         raise UserError(f"--textual_inversion needs a pipeline that loads embeddings (--pipeline_type sd), "
                         f"not {type(pipe).__name__}")
@@ -159,7 +160,7 @@ def load_embedding(pipe, path: str | os.PathLike) -> list[str]:
     before, verbosity = set(pipe.tokenizer.get_vocab()), transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # its notice on how resized rows start: they are overwritten at once
     try:
-        pipe.load_textual_inversion(str(path))
+        family_of_pipeline(pipe).load_embedding(pipe, str(path))
     except Exception as e:  # diffusers and safetensors raise ValueError, OSError or their own types for bad files
         raise UserError(f"could not load the textual-inversion embedding {path}: {str(e).splitlines()[0]}") from None
     finally:
