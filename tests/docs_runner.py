@@ -78,7 +78,7 @@ _runs: dict[tuple[str, ...], Path] = {}
 # pages whose commands run on the tiny pipeline (SD's hub id swapped for it), and pages that also need the tiny files
 # that stand in for what is not shipped (docs_standins.py); pages run together share one scratch project, in order
 HUB = "CompVis/stable-diffusion-v1-4"
-STAND_IN_PAGES = ("docs/generation.md", "docs/evaluation.md", "docs/reproducing.md", "docs/training.md")
+STAND_IN_PAGES = ("README.md", "docs/generation.md", "docs/evaluation.md", "docs/reproducing.md", "docs/training.md")
 FILE_STAND_INS = ("docs/generation.md", "docs/evaluation.md")
 TOGETHER = {"docs/evaluation.md": "docs/generation.md"}  # evaluation.md scores the images generation.md draws
 
