@@ -75,6 +75,7 @@ PLACEHOLDERS = {"R": "128", "P": "bf16", "RESULT_DIR": "gpu_check_results", "SUB
 # the demo scripts are seeded and read only assets/ and their flags: the same run into another folder is a copy
 CACHED_SCRIPTS = ("run_sdd_toy.sh", "run_esd_toy.sh")
 _runs: dict[tuple[str, ...], Path] = {}
+_ran: set[tuple[str, ...]] = set()  # (project, script, args): a page that shows a run twice resumes it, once is enough
 # pages whose commands run on the tiny pipeline (SD's hub id swapped for it), and pages that also need the tiny files
 # that stand in for what is not shipped (docs_standins.py); pages run together share one scratch project, in order
 HUB = "CompVis/stable-diffusion-v1-4"
@@ -85,17 +86,17 @@ TOGETHER = {"docs/evaluation.md": "docs/generation.md"}  # evaluation.md scores 
 
 def write_shim(path: Path) -> None:
     """`python` for the shell scripts: this interpreter, with TINY's flags appended for the programs it knows (and, for
-    the trainers, $DOCS_TRAIN_EXTRA: the tiny pipeline on the stand-in pages)."""
+    a trainer given SD's hub id, $DOCS_TRAIN_EXTRA: the tiny pipeline on the stand-in pages)."""
     cases = []
     for key, flags in sorted(TINY.items(), key=lambda kv: -len(kv[0])):
-        more = " $DOCS_TRAIN_EXTRA" if key in TRAINERS else ""
         if flags and key.endswith(".py"):
-            cases.append(f'  */{key}|{key}) extra="{" ".join(flags)}{more}";;')
+            cases.append(f'  */{key}|{key}) extra="{" ".join(flags)}";;')
         elif flags and not key.endswith(".sh"):
             cases.append(f'  "-m {key}"|"-m {key} "*) extra="{" ".join(flags)}";;')
+    hub = f'case " $* " in *" {HUB} "*) extra="$extra $DOCS_TRAIN_EXTRA";; esac\n'
     path.write_text("#!/bin/sh\nextra=\ncase \"$1\" in -m) key=\"$1 $2 $3\";; *) key=\"$1\";; esac\n"
-                    "case \"$key\" in\n" + "\n".join(cases) + "\nesac\n"
-                    f'exec {shlex.quote(sys.executable)} "$@" $extra\n')
+                    "case \"$key\" in\n" + "\n".join(cases) + "\nesac\n" + hub
+                    + f'exec {shlex.quote(sys.executable)} "$@" $extra\n')
     path.chmod(0o755)
 
 
@@ -144,6 +145,9 @@ def shell(line: str, env: dict[str, str], expect: int = 0) -> None:
 def run_script(key: str, argv: list[str], line: str, env: dict[str, str]) -> None:
     """A documented shell script; a demo-script run already made with the same flags is copied into its folder."""
     out = argv[0] if argv and not argv[0].startswith("-") else None
+    if (done := (str(Path.cwd()), key, *argv)) in _ran:
+        return
+    _ran.add(done)
     cache = (key, *argv[1:]) if key in CACHED_SCRIPTS and out else None
     if cache in _runs and _runs[cache].is_dir() and not Path(out).exists():
         shutil.copytree(_runs[cache], out, symlinks=True)
@@ -206,8 +210,9 @@ def stand_in_flags(key: str, rest: list[str], page: str, tiny_pipeline: Path) ->
         return []
     if key == "generate.py" and "--pretrained_model_name_or_path" not in rest:
         return ["--pretrained_model_name_or_path", str(tiny_pipeline)]
-    if key in TRAINERS:
-        return shlex.split(os.environ.get("DOCS_TRAIN_EXTRA", ""))
+    flag = "--pretrained_model_name_or_path"
+    if key in TRAINERS and (flag not in rest or rest[rest.index(flag) + 1] == str(tiny_pipeline)):
+        return shlex.split(os.environ.get("DOCS_TRAIN_EXTRA", ""))  # SD by default, or SD's id swapped
     if key == "evaluate.py" and rest[:1] == ["clip"] and Path("tiny-clip").is_dir():
         return ["--model", str(Path("tiny-clip").resolve()), "--device", "cpu"]
     return []
@@ -236,8 +241,8 @@ def execute(cmd: DocCommand, variables: dict[str, str], tiny_pipeline: Path, mon
     key, rest = program(argv)
     if parse_only_reason(argv):
         return parse_check(key, rest, tiny_pipeline, monkeypatch)
-    if cmd.kind == "inline" and key in TINY and not key.endswith(".sh") and rest == key.split()[1:]:
-        return parse_check(key, rest + ["--help"], tiny_pipeline, monkeypatch)  # a mention: `python -m utils.lora`
+    if cmd.kind == "inline" and key in TINY and rest == key.split()[1:]:  # a mention: `python -m utils.lora`
+        return parse_check(key, rest + ([] if key.endswith(".sh") else ["--help"]), tiny_pipeline, monkeypatch)
     if key == "python -c":
         return exec(compile(rest[0], f"{cmd.page}:{cmd.line}", "exec"), {"__name__": "__main__"})
     if key not in TINY:
