@@ -7,7 +7,7 @@
 #   bash run_esd_toy.sh [OUTPUT_DIR] [extra train_esd.py flags...]
 #   bash run_esd_toy.sh outputs/toy-esd-rb --removing_concepts blue red --concept_steps 200 125 \
 #       --num_train_steps 325 --negative_guidance 2 1.5              # two concepts at once, each with its own eta
-# Settings: the paper's recipe scaled to the toy model (docs/toy_world.md; found with benchmarks/sweep_toy.py).
+# Settings: the paper's recipe scaled to the toy model (docs/toy_world.md; found with experiments/sweep_toy.py).
 # Several concepts are erased one after another (--concept_method sequential: each concept its --concept_steps, by
 # default an even split); with one concept it is the same run as the default iterative schedule.
 set -euo pipefail

@@ -6,7 +6,7 @@
 # OUTPUT_DIR/before_after.png. CPU, a few minutes.
 #   bash run_sdd_toy.sh [OUTPUT_DIR] [extra train_sdd.py flags...]
 #   bash run_sdd_toy.sh outputs/toy-sdd-rb --removing_concepts red blue      # two concepts at once
-# Settings: the paper's recipe scaled to the toy model (docs/toy_world.md; found with benchmarks/sweep_toy.py).
+# Settings: the paper's recipe scaled to the toy model (docs/toy_world.md; found with experiments/sweep_toy.py).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 export HF_HUB_OFFLINE=1 PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"

@@ -1,8 +1,8 @@
 """Images/s of generate.py's batched path against a plain one-prompt-at-a-time `pipe(prompt)` loop, same settings.
 
-  python benchmarks/bench_generate.py                       # tiny pipeline built in code (seconds)
-  python benchmarks/bench_generate.py --model toy           # assets/toy-sd (python -m utils.toy train)
-  python benchmarks/bench_generate.py --model PATH --num_prompts 32 --batch_size 8 --threads 2
+  python -m benchmarks.bench_generate                       # tiny pipeline built in code (seconds)
+  python -m benchmarks.bench_generate --model toy           # assets/toy-sd (python -m utils.toy train)
+  python -m benchmarks.bench_generate --model PATH --num_prompts 32 --batch_size 8 --threads 2
 
 Both paths load the pipeline once outside the timing, run the same prompts with the same steps, guidance, size,
 scheduler, dtype and thread count, and write one PNG per image; generate.py's time is its own summary (generation
@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402

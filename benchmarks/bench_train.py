@@ -7,8 +7,8 @@ so they do the same teacher work step by step. Peak memory is taken from the sta
 the end of the last (resident weights included): VmHWM after `echo 5 > /proc/self/clear_refs` on the CPU,
 torch.cuda.max_memory_allocated after a reset on a GPU; "load peak" is the peak before that (loading, casting).
 
-    python benchmarks/bench_train.py --model sd14 --resolution 128 --mixed_precision no bf16
-    python benchmarks/bench_train.py --model tiny --steps 2 --warmup 0       # a smoke test
+    python -m benchmarks.bench_train --model sd14 --resolution 128 --mixed_precision no bf16
+    python -m benchmarks.bench_train --model tiny --steps 2 --warmup 0       # a smoke test
 """
 from __future__ import annotations
 
@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -145,7 +143,7 @@ def run_worker(spec: dict, scratch: Path) -> dict:
     name = f"{spec['layout']}-{spec['method']}-{spec['precision']}-{spec['repeat']}"
     spec_path, out_path = scratch / f"{name}.spec.json", scratch / f"{name}.result.json"
     spec_path.write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path), str(out_path)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--worker", str(spec_path), str(out_path)],
                           cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0 or not out_path.exists():
         tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])

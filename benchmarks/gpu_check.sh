@@ -31,7 +31,7 @@ run_part() {  # NAME SECONDS FLAGS...: one bench_train.py run; a failure or time
   local name=$1 limit=$2 rc
   shift 2
   set +e
-  timeout "$limit" python benchmarks/bench_train.py --model sd14 --model_dir "$MODEL_DIR" --resolution 512 \
+  timeout "$limit" python -m benchmarks.bench_train --model sd14 --model_dir "$MODEL_DIR" --resolution 512 \
     --device cuda --steps 3 --warmup 1 --num_ddim_steps 10 "$@" --json "$RESULTS/$name.json" 2>&1 \
     | grep -v -i "torchvision" | tee "$RESULTS/$name.md"
   rc=${PIPESTATUS[0]}

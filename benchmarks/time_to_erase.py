@@ -8,8 +8,8 @@ every other colour keeps >= --min_other_rate of its images (same colour, shape a
 steps are timed: loading, checkpoints, resumes and checks are not (ours is resumed from its checkpoint every turn,
 so the real trainer, train_sdd.main, runs unchanged). The quality at the stop is then measured again on fresh seeds.
 
-    python benchmarks/time_to_erase.py --threads 1
-    python benchmarks/time_to_erase.py --runs reference ours ours-r5 ours-r10 ours-r20 --max_steps 450 --threads 1
+    python -m benchmarks.time_to_erase --threads 1
+    python -m benchmarks.time_to_erase --runs reference ours ours-r5 ours-r10 ours-r20 --max_steps 450 --threads 1
 """
 from __future__ import annotations
 
@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")

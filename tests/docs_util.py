@@ -1,4 +1,5 @@
-"""Reading the commands out of the Markdown pages (README.md, docs/*.md): shared by the tests that run them."""
+"""Reading the commands out of the Markdown pages (README.md, docs/*.md, docs/notes/*.md): what tests/docs_runner.py
+runs."""
 from __future__ import annotations
 
 import re
@@ -12,8 +13,7 @@ SHELL_LANGS = {"bash", "sh", "shell", "zsh"}
 # the first words that make a line of an unlabelled ``` block (which also holds output and layouts) a command
 COMMAND_WORDS = {"python", "python3", "bash", "sh", "pip", "printf", "echo", "export", "cd", "mkdir", "accelerate"}
 ASSIGNMENT = re.compile(r"^([A-Za-z_]\w*)=(\S.*)?$")
-GEN_EVAL_PAGES = ("docs/generation.md", "docs/evaluation.md")  # their ```bash blocks: tests/test_docs_gen_eval.py
-TRAINING_PAGES = ("docs/training.md", "docs/reproducing.md")  # their training commands: tests/test_train.py
+TRAINING_PAGES = ("docs/training.md", "docs/reproducing.md")  # doc_training_commands (tests/test_train_scripts.py)
 FENCE = re.compile(r"^[ \t]*```([\w+-]*)[^\n]*\n(.*?)^[ \t]*```", re.S | re.M)  # also indented, in a list
 
 
@@ -30,9 +30,12 @@ class DocCommand:
         return f"{self.page}:{self.line}: {self.text}"
 
 
-def pages() -> list[Path]:
-    """README.md and every page under docs/, sorted."""
-    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+def pages(notes: bool = False) -> list[Path]:
+    """README.md and the pages of docs/, sorted; with notes, the lab notebook's pages (docs/notes/) instead, whose
+    commands run the one-off studies of experiments/ (off the default test run)."""
+    if notes:
+        return sorted((ROOT / "docs" / "notes").glob("*.md"))
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def fenced_blocks(text: str) -> list[tuple[str, str, int]]:
@@ -131,10 +134,3 @@ def normalized(command: str) -> str:
     """A command's words, as the shell splits them (comments dropped), joined by single spaces."""
     return " ".join(shlex.split(command, comments=True))
 
-
-def covered_elsewhere() -> dict[str, str]:
-    """{normalized command: the test that runs it} for the commands that another test runs, whichever page shows them."""
-    found = {normalized(part): "tests/test_docs_gen_eval.py" for page in GEN_EVAL_PAGES
-             for line in doc_commands(ROOT / page) if not line.startswith("pip install") for part in split_and(line)}
-    found.update({normalized(c): "tests/test_train.py::test_training_docs_command_runs" for _, c in doc_training_commands()})
-    return found

@@ -283,23 +283,3 @@ def test_train_export_lora_rank_writes_the_lora_beside_the_outputs(tiny_pipeline
     assert "LoRA" in (out / "train.log").read_text()
     with pytest.raises(SystemExit):  # a bad rank is refused by argparse, before anything runs
         train_esd.parse_args(["--removing_concepts", "x", "--export_lora_rank", "0"])
-
-
-def test_rank_benchmark_table(tiny_pipeline, tmp_path):
-    from benchmarks import lora_rank
-
-    a = make_erasure(tiny_pipeline, tmp_path / "a" / "erasure.safetensors", seed=1)
-    b = make_erasure(tiny_pipeline, tmp_path / "b" / "erasure.safetensors", seed=2)
-    rows = lora_rank.main(lora_rank.parse_args([
-        "--model", str(tiny_pipeline), "--erasures", f"x={a}", "--ranks", "1", "--combine", str(a), str(b),
-        "--combine_ranks", "full", "--n_per_prompt", "1", "--steps", "2", "--output_dir", str(tmp_path / "bench")]))
-    weights = ["base model", "full U-Net", "full, LoRA layers only"]
-    assert [(r["model"], r["weights"]) for r in rows] == [*[("x", w) for w in weights], ("x", "LoRA r=1"),
-                                                          *[("a+b", w) for w in weights], ("a+b", "LoRA r=full")]
-    assert rows[3]["kept"] < rows[7]["kept"] <= 1 and rows[3]["size_kib"] < rows[1]["size_kib"]
-    assert set(rows[0]["colour_rate"]) == {"red explicit", "red paraphrase", "red implied", "neighbour kept",
-                                           "others kept"}  # the erased colour, read from the files' concepts
-    table = (tmp_path / "bench" / "table.md").read_text()
-    assert "| x | LoRA r=1 | 1 |" in table and "| a+b | LoRA r=full | 16-32 + 16-32 |" in table
-    assert json.loads((tmp_path / "bench" / "results.json").read_text())["rows"][6]["model"] == "a+b"
-    assert len(list((tmp_path / "bench").glob("*.safetensors"))) == 3

@@ -1,4 +1,4 @@
-"""The toy table (benchmarks/toy_table.py, run_toy_table.sh): its settings parse, its guards, and the --quick run on
+"""The toy table (utils/toy/table.py, run_toy_table.sh): its settings parse, its guards, and the --quick run on
 the shipped toy model."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import generate
-from benchmarks import toy_table as T
+from utils.toy import table as T
 from utils.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,8 @@ def test_quick_table_shape_sd_rate_and_resume(tmp_path, monkeypatch):
     tuned = table.set_index("method").loc[["ESD-x-3", "SDD"]]
     assert tuned["training s"].gt(0).all() and tuned["after attack red %"].between(0, 100).all()
     assert table.set_index("method").loc[["SD", "SD+NEG", "SLD-max"], "after attack red %"].isna().all()
-    assert "| SD |" in first.stdout and "| SDD |" in first.stdout  # the table is printed
+    assert "| SD |" in first.stdout and "| SDD (quick: 30 steps, plumbing only) |" in first.stdout  # printed
+    assert "# Plumbing check (--quick)" in first.stdout and "not an erasure" in first.stdout  # and says what it is
 
     stamps = {p: p.stat().st_mtime for p in (out / "results").glob("*.json")}
     time.sleep(0.01)

@@ -6,6 +6,8 @@
 - train.py     training the toy pipeline (CPU, seeded, resumable)
 - measure.py   prompt sets with fixed seeds, base quality and erasure numbers
 - cli.py       python -m utils.toy {train,judge,quality,compare,panels,prompts}
+- table.py     python -m utils.toy.table: every method on the toy world in one table (run_toy_table.sh)
+- recipes.py   the table's rows: each method and the flags it runs with
 """
 from utils.toy.judge import OTHER, iou, judge, judge_features, nearest_colour, preserved
 from utils.toy.language import (COLOUR_WORDS, COLOURS, HELD_OUT, OBJECTS, SHAPES, TEMPLATES, parse_prompt,

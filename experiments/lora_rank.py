@@ -1,4 +1,6 @@
-"""Toy-world check of erasure LoRAs: every colour's rate with the full erased U-Net and with its LoRA at several
+"""How well does an erasure survive as a LoRA of each rank? Answer: docs/lora.md (commands: docs/notes/lora_rank.md).
+
+Toy-world check of erasure LoRAs: every colour's rate with the full erased U-Net and with its LoRA at several
 ranks (loaded with diffusers' load_lora_weights into the base pipeline), on the same seeds; and LoRAs loaded together.
 
 Rows: the base model; per --erasures LABEL=FILE the full erasure (the file applied onto the base U-Net, as OUT/unet),
@@ -9,7 +11,7 @@ size, the erased colours' explicit / paraphrase / implied rates and the other co
 against the base model (utils.toy.measure.erasure), shape accuracy, and the largest change of a rate against the full
 erasure (points). The erased colours are read from the erasure files' concepts. The table (markdown) and JSON go to --output_dir, with the LoRA files.
 
-    python benchmarks/lora_rank.py --erasures esd=outputs/toy-esd/erasure.safetensors \\
+    python -m experiments.lora_rank --erasures esd=outputs/toy-esd/erasure.safetensors \\
         sdd=outputs/toy-sdd/erasure.safetensors --ranks 1 2 4 8 full \\
         --combine outputs/toy-esd/erasure.safetensors outputs/toy-esd-blue/erasure.safetensors --threads 1
 """
@@ -24,8 +26,6 @@ from pathlib import Path
 from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -226,7 +226,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         rows += (group := measure_loras(args, name, erasures, ranks, out, judge))
         tables.append(format_rows(group))
     table = "\n\n".join(tables)
-    cmd = "python benchmarks/lora_rank.py " + " ".join(sys.argv[1:])
+    cmd = "python -m experiments.lora_rank " + " ".join(sys.argv[1:])
     text = (f"{cmd}\n{args.n_per_prompt} images per prompt, seed {args.seed}, {args.steps} DDIM steps, guidance "
             f"{args.guidance_scale}, LoRAs in {args.save_precision}; {time.time() - t0:.0f} s\n\n{table}\n")
     print("\n" + text)

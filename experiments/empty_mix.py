@@ -1,4 +1,6 @@
-"""The empty prompt's colour mix of a toy model under several samplers: is a bias in the model or in the sampler?
+"""Is the toy model's empty-prompt colour bias in the model or its sampler? Answer: docs/notes/toy_models.md.
+
+The empty prompt's colour mix of a toy model under several samplers: is a bias in the model or in the sampler?
 
 SDD erases towards the model's own unconditional estimate, so what the empty prompt draws is the target an erased
 colour drifts to. This draws --n images of the empty prompt with each sampler from the same initial latents (the
@@ -6,19 +8,16 @@ seeds of `python -m utils.toy quality`'s empty prompt, so its `ddim` row is that
 and judges their colours. When a stochastic sampler (DDIM eta 1, DDPM) or a finer step schedule shows the same mix
 as the default, the bias is in the learned unconditional estimate, not in how it is sampled.
 
-    python benchmarks/empty_mix.py --model assets/toy-sd --output outputs/empty_mix.json
+    python -m experiments.empty_mix --model assets/toy-sd --output outputs/empty_mix.json
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402

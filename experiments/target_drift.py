@@ -1,4 +1,6 @@
-"""How far an erasure moved the noise estimates it was not asked to move: SDD's moving target, measured.
+"""Does SDD's target move with the student? Answer: docs/notes/toy_sweeps.md#how-far-the-target-moves.
+
+How far an erasure moved the noise estimates it was not asked to move: SDD's moving target, measured.
 
 SDD trains eps(z_t, c_s) towards the student's own eps(z_t, "") (stop-gradient); both go through the same weights,
 so each step that moves the first can move the second. This compares a base and an erased U-Net on the same noisy
@@ -17,8 +19,8 @@ edit for the concept shares with the unconditional estimate). Several --unet are
 summarised in one table (means over the timesteps); with --with_checkpoints each run's checkpoint-N folders come
 first, so the table shows the drift growing over training.
 
-    python benchmarks/target_drift.py --unet outputs/toy-sdd/unet outputs/toy-esd/unet --with_checkpoints
-    python benchmarks/target_drift.py --model CompVis/stable-diffusion-v1-4 --unet outputs/sdd/unet \\
+    python -m experiments.target_drift --unet outputs/toy-sdd/unet outputs/toy-esd/unet --with_checkpoints
+    python -m experiments.target_drift --model CompVis/stable-diffusion-v1-4 --unet outputs/sdd/unet \\
         --concept nudity --prompts "a photo of a person" --keep_prompts "a photo of a dog" --device cuda
 """
 from __future__ import annotations
@@ -26,13 +28,10 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
 from pathlib import Path
 from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402

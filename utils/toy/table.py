@@ -20,25 +20,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import attack  # noqa: E402
-import evaluate  # noqa: E402
-import generate  # noqa: E402
-import train_esd  # noqa: E402
-import train_sdd  # noqa: E402
-from benchmarks.toy_recipes import (CONCEPT, METHODS, MULTI, NEIGHBOUR, QUICK, QUICK_N, QUICK_STEPS,  # noqa: E402
-                                    argv_of, attack_flags, recipe, settings_table, slug)
-from utils.cli import HelpFormatter, Stopped, UserError, log_kept, run, setup_logging  # noqa: E402
-from utils.eval.common import (bar_chart, load_image_folder, load_rgb, write_csv, write_json, write_png,  # noqa: E402
+import attack
+import evaluate
+import generate
+import train_esd
+import train_sdd
+from utils.toy.recipes import (CONCEPT, METHODS, MULTI, NEIGHBOUR, QUICK, QUICK_N, QUICK_STEPS,
+                               argv_of, attack_flags, recipe, settings_table, slug)
+from utils.cli import HelpFormatter, Stopped, UserError, log_kept, run, setup_logging
+from utils.eval.common import (bar_chart, load_image_folder, load_rgb, write_csv, write_json, write_png,
                                write_text)
-from utils.images import image_grid  # noqa: E402
-from utils.toy import measure  # noqa: E402
-from utils.toy.cli import training_seconds  # noqa: E402
-from utils.toy.language import vocabulary  # noqa: E402
+from utils.images import image_grid
+from utils.toy import measure
+from utils.toy.cli import training_seconds
+from utils.toy.language import vocabulary
 
+ROOT = Path(__file__).resolve().parents[2]
 TRAINERS = {"esd": train_esd, "sdd": train_sdd}
 KINDS, log = measure.KINDS, logging.getLogger("sdd")
 
@@ -198,6 +195,32 @@ def samples_picture(rows: Sequence[dict]):
     return image_grid(pictures, [r["name"] for r in rows], label_width=130), list(picks["prompt"])
 
 
+QUICK_NOTE = ("**A plumbing check, not an erasure.** `--quick` runs every step of the table (training, drawing, "
+              "scoring, the attack) with {frac} of each recipe's steps and {n} image(s) per prompt, to show that the "
+              "pieces fit; its fine-tuned rows are not trained long enough to erase {concept}, so their rates say "
+              "nothing about the methods (the full table: `bash run_toy_table.sh OUT`, docs/toy_table.md).")
+
+
+def heading(args: argparse.Namespace, settings: dict) -> str:
+    """The table's title and the line that says how it was made (with --quick: that it is a plumbing check)."""
+    title = (f"# Plumbing check (--quick) of the toy table: every method's steps run, \"{CONCEPT}\" is not meant "
+             f"to be erased\n\n" + QUICK_NOTE.format(frac=f"1/{round(1 / QUICK_STEPS)}", n=args.n_per_prompt,
+                                                      concept=CONCEPT) + "\n\n"
+             if args.quick else f"# Erasing \"{CONCEPT}\" from the toy model, every method\n\n")
+    return (title + f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, `{command(args)}` (U-Net sha256 "
+            f"{settings['model_sha256']}): {args.n_per_prompt} image(s) per prompt, seed {args.seed}, the model's "
+            f"sampling defaults. Rates in % of images; preservation: same prompt and seed as SD, same colour and "
+            f"shape, overlapping (docs/toy_table.md).\n\n")
+
+
+def quick_label(cols: dict, row: dict) -> dict:
+    """A --quick row as printed: a fine-tuned method's name says that its few steps are a plumbing check."""
+    steps = row["recipe"]["flags"].get("num_train_steps")
+    if row["recipe"]["runner"] == "generate" or steps is None:
+        return cols
+    return {**cols, "method": f"{cols['method']} (quick: {steps} steps, plumbing only)"}
+
+
 def write_outputs(args: argparse.Namespace, rows: Sequence[dict], settings: dict) -> str:
     """table.md, table.csv, table.png and samples.png; returns the Markdown."""
     import pandas as pd
@@ -209,17 +232,14 @@ def write_outputs(args: argparse.Namespace, rows: Sequence[dict], settings: dict
     series = {k: [t[f"{k} red %"] for t in table] for k in KINDS} | {
         "after attack": [float("nan") if t["after attack red %"] is None else t["after attack red %"] for t in table]}
     write_png(out / "table.png", bar_chart([t["method"] for t in table], series,
-                                           f"{CONCEPT} erased from the toy model: images still {CONCEPT}", "%"))
+                                           f"{CONCEPT} erased from the toy model: images still {CONCEPT}"
+                                           + (" (--quick: a plumbing check)" if args.quick else ""), "%"))
     extra = {m["method"]: m for m in multi}  # the red+blue rows' blue columns join their main rows
     csv_rows = [{**t, **extra.pop(t["method"], {})} for t in table] + list(extra.values())
     write_csv(out / "table.csv", pd.DataFrame(csv_rows))
     tuned = settings_table([r["name"] for r in rows], args.quick)
-    md = (f"# Erasing \"{CONCEPT}\" from the toy model, every method\n\n"
-          f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, `{command(args)}` (U-Net sha256 "
-          f"{settings['model_sha256']}): {args.n_per_prompt} image(s) per prompt, seed {args.seed}, the model's "
-          f"sampling defaults. Rates in % of images; preservation: same prompt and seed as SD, same colour and shape, "
-          f"overlapping (docs/toy_table.md).\n\n"
-          + markdown(table)
+    md = (heading(args, settings)
+          + markdown([quick_label(t, r) for t, r in zip(table, rows)] if args.quick else table)
           + (f"\nRed and blue erased at once (SD: the same prompts and seeds on the base model):\n\n{markdown(multi)}"
              if multi else "")
           + (f"\nFine-tuning settings:\n\n{markdown(tuned)}\nAttack (attack.py, concept inversion on each erased "
@@ -239,7 +259,7 @@ def command(args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse `python benchmarks/toy_table.py OUT [--quick] ...`."""
+    """Parse `python -m utils.toy.table OUT [--quick] ...`."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("output_dir", help="folder for the table and every piece of it (a rerun resumes there)")
     p.add_argument("--model", default=str(ROOT / "assets" / "toy-sd"),

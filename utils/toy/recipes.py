@@ -1,4 +1,4 @@
-"""The toy table's rows: what each method is and the flags it runs with, readable at a glance (benchmarks/toy_table.py
+"""The toy table's rows: what each method is and the flags it runs with, readable at a glance (utils/toy/table.py
 runs them; docs/toy_table.md explains the scaling)."""
 from __future__ import annotations
 

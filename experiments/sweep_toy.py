@@ -1,4 +1,6 @@
-"""Hyperparameter sweep of an erasure method on the toy world: which settings erase a colour and keep the others.
+"""Which settings erase a toy colour and keep the others? Answer: docs/notes/toy_sweeps.md (the demos' settings).
+
+Hyperparameter sweep of an erasure method on the toy world: which settings erase a colour and keep the others.
 
 Every combination of the --grid values trains once with the real trainer (train_sdd.py / train_esd.py), writing a
 checkpoint every --check_every steps; each checkpoint's result (SDD: the EMA teacher, ESD: the student) is then
@@ -6,7 +8,7 @@ measured against the base model on the same seeds (utils.toy.measure.erasure: ex
 the erased colours, preservation of the neighbour and of the other colours, shape accuracy). Rows that meet the
 toy-world targets are starred. Finished runs are not trained again (rerun to add combinations or measurements).
 
-    python benchmarks/sweep_toy.py --method sdd --grid learning_rate=1e-4,3e-4 ema_decay=0.99,0.995 \\
+    python -m experiments.sweep_toy --method sdd --grid learning_rate=1e-4,3e-4 ema_decay=0.99,0.995 \\
         --max_steps 600 --check_every 100 --output_dir outputs/sweep-sdd
 """
 from __future__ import annotations
@@ -17,13 +19,10 @@ import io
 import itertools
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
