@@ -32,16 +32,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from benchmarks.step_timing import Meter, StepWatcher, watching  # noqa: E402
 from utils.cli import ArgumentParser, HelpFormatter, UserError, run  # noqa: E402
 
-MODELS = ("sd14", "toy", "tiny")
+MODELS = ("sd14", "sdxl", "toy", "tiny")
 PRECISIONS = ("no", "bf16", "fp16")
 TOY_DIR = ROOT / "assets" / "toy-sd"
-CONCEPT = {"sd14": "nudity", "toy": "red", "tiny": "nudity"}
+CONCEPT = {"sd14": "nudity", "sdxl": "nudity", "toy": "red", "tiny": "nudity"}
 GIB = 2 ** 30
 
 
 # ------------------------------------------------------------------------------------------------ model folders
-def prepare_model(model: str, model_dir: str | None, scratch: Path) -> Path:
-    """The pipeline folder for --model: built (sd14 in a subprocess, so this process stays small), or assets/toy-sd."""
+def prepare_model(model: str, model_dir: str | None, scratch: Path, width: float = 1.0) -> Path:
+    """The pipeline folder for --model: built (sd14, sdxl at `width` in a subprocess, so this process stays small),
+    or assets/toy-sd."""
     if model == "toy":
         if not (TOY_DIR / "model_index.json").exists():
             raise UserError(f"{TOY_DIR} does not exist yet: train it with `python -m utils.toy train` first")
@@ -52,8 +53,9 @@ def prepare_model(model: str, model_dir: str | None, scratch: Path) -> Path:
     if model == "tiny":
         from utils.families.tiny import build_tiny_pipeline
         return build_tiny_pipeline(folder)
-    print(f"building an SD-1.4-shaped pipeline with random weights in {folder} ...", flush=True)
-    subprocess.run([sys.executable, "-m", "benchmarks.sd_shaped", str(folder)], cwd=ROOT, check=True)
+    shape = ["--family", "sdxl", "--width", str(width)] if model == "sdxl" else []
+    print(f"building a {model}-shaped pipeline with random weights in {folder} ...", flush=True)
+    subprocess.run([sys.executable, "-m", "benchmarks.sd_shaped", str(folder), *shape], cwd=ROOT, check=True)
     return folder
 
 
@@ -242,9 +244,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Flags of the benchmark (and the hidden --worker entry point)."""
     p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", choices=MODELS, default="sd14",
-                   help="sd14: SD-1.4-shaped, random weights; toy: assets/toy-sd; tiny: a few-KB test pipeline")
+                   help="sd14: SD-1.4-shaped, random weights; sdxl: SDXL-base-shaped at --sdxl_width; toy: "
+                        "assets/toy-sd; tiny: a few-KB test pipeline")
+    p.add_argument("--sdxl_width", type=float, default=0.5,
+                   help="--model sdxl: channels as a share of SDXL base's (0.5: its shape at a quarter of the "
+                        "parameters, so that the reference layout fits in 24 GiB; 1.0: SDXL base, 2.57 B)")
     p.add_argument("--model_dir", default=None,
-                   help="folder for the built sd14/tiny pipeline, reused when present (default: a temp dir, removed)")
+                   help="folder for the built sd14/sdxl/tiny pipeline, reused when present (default: a temp dir)")
     p.add_argument("--resolution", type=int, default=128, help="image size in pixels (0: the model's own)")
     p.add_argument("--mixed_precision", nargs="+", choices=PRECISIONS, default=["no"],
                    help="precisions to measure; ours casts frozen weights, the reference autocasts fp32 weights")
@@ -297,7 +303,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     device = str(resolve_device(args.device))
     scratch = Path(tempfile.mkdtemp(prefix="bench_train-"))
     try:
-        model_path = prepare_model(args.model, args.model_dir, scratch)
+        model_path = prepare_model(args.model, args.model_dir, scratch, args.sdxl_width)
         results, failed = [], []
         for method in args.methods:
             for prec in args.mixed_precision:

@@ -3,7 +3,7 @@
 What the reference (nannullna/safe-diffusion, train_sdd.py / train_esd.py) holds and does, and this loop copies:
   * two full U-Nets: SDD's teacher is a full copy updated by EMA over *every* U-Net parameter
     (`ema.mul_(m).add_(student, alpha=1 - m)` per tensor); ESD's frozen original is a full copy;
-  * the text encoder and the VAE stay loaded; "", c_p and c_s are re-encoded every step (three passes);
+  * the text encoder(s) and the VAE stay loaded; "", c_p and c_s are re-encoded every step (three passes);
   * the teacher (SDD) or the student (ESD) samples z_t with k batched CFG steps of DDIM (eta = 0);
   * SDD loss mse(sg(e_student(z_t, c_0)), e_student(z_t, c_s)); ESD loss
     mse(e_student(z_t, c), e_0 - eta (e_c - e_0)) with e_0, e_c from two forwards of the original;
@@ -27,16 +27,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from utils.cli import DTYPES, resolve_device
-from utils.train.concepts import concept_schedule, per_concept_value, step_prompts
-from utils.loading import check_model_source, from_pretrained
-from utils.params import FINETUNING_METHODS
-from utils.train.trajectory import jitter_timestep
+from utils.families import Cond, family_of
 from utils.text import read_word_list
+from utils.train.concepts import concept_schedule, per_concept_value, step_prompts
 
 GRADS = ("subset", "all")
 
@@ -71,19 +67,19 @@ class ReferenceLayout:
         self.concepts = read_word_list(args.removing_concepts, "concepts (--removing_concepts)")
         torch.manual_seed(args.seed)
         name = args.pretrained_model_name_or_path
-        check_model_source(name)
-        self.tokenizer = from_pretrained(CLIPTokenizer, name, subfolder="tokenizer")
-        self.text_encoder = from_pretrained(CLIPTextModel, name, subfolder="text_encoder").requires_grad_(False)
-        self.vae = from_pretrained(AutoencoderKL, name, subfolder="vae").requires_grad_(False)  # loaded, never used
-        self.student = from_pretrained(UNet2DConditionModel, name, subfolder="unet")
+        self.family = family = family_of(name)
+        self.parts = parts = family.load(name)  # tokenizer(s), text encoder(s), VAE, U-Net, DDIM from its config
+        self.text_encoders = [e.requires_grad_(False) for e in family.text_encoders(parts)]
+        self.vae = parts.vae.requires_grad_(False)  # loaded, never used
+        self.student = parts.unet
         self.frozen = copy.deepcopy(self.student).requires_grad_(False)  # SDD: EMA teacher; ESD: original
-        pick = FINETUNING_METHODS[args.finetuning_method]
+        pick = family.SUBSETS[args.finetuning_method]
         self.params = [p for n, p in self.student.named_parameters() if pick(n)]
         if grads == "subset":
             self.student.requires_grad_(False)
             for p in self.params:
                 p.requires_grad_(True)
-        for m in (self.text_encoder, self.vae, self.student, self.frozen):
+        for m in (*self.text_encoders, self.vae, self.student, self.frozen):
             m.to(self.device)
             if self.device.type == "cpu":
                 _materialize(m)
@@ -94,34 +90,30 @@ class ReferenceLayout:
         self.lr_scheduler = get_scheduler(args.lr_scheduler, self.optimizer, num_warmup_steps=args.lr_warmup_steps,
                                           num_training_steps=args.num_train_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(name, subfolder="scheduler"))
+        self.scheduler = parts.scheduler
         self.scheduler.set_timesteps(args.num_ddim_steps, device=self.device)
-        vsf = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        res = args.resolution or self.student.config.sample_size * vsf
-        self.latent_shape = (self.student.config.in_channels, res // vsf, res // vsf)
+        self.latent_shape = family.latent_shape(parts, args.resolution)
+        self.size = tuple(n * family.vae_scale_factor(parts) for n in self.latent_shape[1:])
         self.schedule = concept_schedule(self.concepts, args.concept_method, args.num_train_steps, args.seed)
         self.generator = torch.Generator().manual_seed(args.seed)
         self.step_count = 0
 
-    def result(self) -> UNet2DConditionModel:
+    def result(self) -> torch.nn.Module:
         """The trained model: SDD's EMA teacher, ESD's student."""
         return self.frozen if self.method == "sdd" else self.student
 
     @torch.no_grad()
-    def encode(self, prompt: str) -> torch.Tensor:
+    def encode(self, prompt: str) -> Cond:
         """One text-encoder pass (the reference encodes "", c_p and c_s separately every step)."""
-        ids = self.tokenizer([prompt], padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.device))[0]
+        return self.family.encode(self.parts, [prompt], self.device, self.size)[prompt]
 
     @torch.no_grad()
-    def sample_until(self, unet: torch.nn.Module, latents: torch.Tensor, k: int, uncond: torch.Tensor,
-                     cond: torch.Tensor) -> torch.Tensor:
+    def sample_until(self, unet: torch.nn.Module, latents: torch.Tensor, k: int, uncond: Cond, cond: Cond) -> torch.Tensor:
         """k guided DDIM steps from z_T: both conditions in one batch, as the reference's sample_until."""
-        emb = torch.cat([uncond.expand(len(latents), -1, -1), cond.expand(len(latents), -1, -1)])
+        both = Cond.cat([uncond.expand(len(latents)), cond.expand(len(latents))])
         for t in self.scheduler.timesteps[:k]:
             x = self.scheduler.scale_model_input(torch.cat([latents] * 2), t)
-            e_0, e_c = unet(x, t, encoder_hidden_states=emb).sample.chunk(2)
+            e_0, e_c = self.family.predict(unet, None, x, t, both).chunk(2)
             latents = self.scheduler.step(e_0 + self.args.guidance_scale * (e_c - e_0), t, latents).prev_sample
         return latents
 
@@ -137,21 +129,21 @@ class ReferenceLayout:
         z = self.sample_until(sampler, z, k, c_0, c_p_emb)
         t = self.scheduler.timesteps[k].repeat(len(z))
         if a.timestep_jitter:
-            t = jitter_timestep(t, self.scheduler, self.generator)
+            t = self.family.jitter(t, self.scheduler, self.generator)
         t2 = _sync(dev)
-        n = len(z)
+        n, predict = len(z), self.family.predict
         if self.method == "sdd":
             with torch.no_grad():
-                e_0 = self.student(z, t, encoder_hidden_states=c_0.expand(n, -1, -1)).sample
-            e_s = self.student(z, t, encoder_hidden_states=c_s_emb.expand(n, -1, -1)).sample
+                e_0 = predict(self.student, None, z, t, c_0.expand(n))
+            e_s = predict(self.student, None, z, t, c_s_emb.expand(n))
             loss = F.mse_loss(e_0.detach(), e_s)
         else:
             with torch.no_grad():
-                e_0 = self.frozen(z, t, encoder_hidden_states=c_0.expand(n, -1, -1)).sample
-                e_c = self.frozen(z, t, encoder_hidden_states=c_p_emb.expand(n, -1, -1)).sample
+                e_0 = predict(self.frozen, None, z, t, c_0.expand(n))
+                e_c = predict(self.frozen, None, z, t, c_p_emb.expand(n))
                 eta = per_concept_value(a.negative_guidance, self.concepts, c_p)  # one eta, or one per concept
                 target = e_0 - eta * (e_c - e_0)
-            e_s = self.student(z, t, encoder_hidden_states=c_p_emb.expand(n, -1, -1)).sample
+            e_s = predict(self.student, None, z, t, c_p_emb.expand(n))
             loss = F.mse_loss(e_s, target)
         phases["text"] += t1 - t0
         phases["sample"] += t2 - t1

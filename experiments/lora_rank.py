@@ -177,17 +177,16 @@ def format_rows(rows: list[dict], header: bool = True) -> str:
 
 def sd_sizes(ranks: Sequence[int | str], methods: Sequence[str] = ("xattn", "noxattn")) -> str:
     """Markdown table: erasure file vs fp16 LoRA size for SD 1.x's U-Net (diffusers' defaults, 768-wide text)."""
-    from diffusers import UNet2DConditionModel
-
-    from utils.params import FINETUNING_METHODS
+    from utils.families import FAMILIES
+    from utils.families.shaped import sd_unet
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(cross_attention_dim=768)
+        unet = sd_unet(cross_attention_dim=768)
     modules = dict(unet.named_modules())
     lines = ["| finetuning_method | layers | erasure file (fp32) | " + " | ".join(f"LoRA r={r}" for r in ranks) + " |",
              "|" + "---|" * (3 + len(ranks))]
     for method in methods:
-        params = {n: p for n, p in unet.named_parameters() if FINETUNING_METHODS[method](n)}
+        params = {n: p for n, p in unet.named_parameters() if FAMILIES["sd"].SUBSETS[method](n)}
         layers = [modules[n[:-len(".weight")]].weight for n in params if n.endswith(".weight")
                   and isinstance(modules[n[:-len(".weight")]], (torch.nn.Linear, torch.nn.Conv2d))]
         sizes = []

@@ -41,7 +41,7 @@ from utils.cli import (ArgumentParser, HelpFormatter, UserError, add_threads_arg
 from utils.eval.common import write_json  # noqa: E402
 from utils.train.checkpoints import list_checkpoints  # noqa: E402
 from utils.saving import load_unet_into, read_erasure, run_folder  # noqa: E402
-from utils.text import encode_text  # noqa: E402
+from utils.families import FAMILIES  # noqa: E402
 from utils.toy import measure as M  # noqa: E402
 from utils.toy.language import COLOURS  # noqa: E402
 
@@ -157,7 +157,7 @@ def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         raise UserError(f"--timesteps {bad} outside 0..{total - 1} (the scheduler's num_train_timesteps)")
     x0 = base_latents(pipe, prompts, args.num_images, args.num_inference_steps, args.guidance_scale, args.seed)
     texts = list(dict.fromkeys(["", args.concept, *keep]))
-    emb = dict(zip(texts, encode_text(pipe.tokenizer, pipe.text_encoder, texts, device).to(x0.dtype).unsqueeze(1)))
+    emb = dict(zip(texts, FAMILIES["sd"].encode_hidden(pipe.tokenizer, pipe.text_encoder, texts, device).to(x0.dtype).unsqueeze(1)))
     cos = torch.nn.functional.cosine_similarity(emb[args.concept][0].float(), emb[""][0].float(), dim=-1)
     shared = int((cos >= SHARED_COS).sum())
     print(f"{shared} of {len(cos)} token positions of {args.concept!r} encode within cosine {SHARED_COS} of the empty "

@@ -10,7 +10,7 @@ from diffusers import UNet2DConditionModel
 
 import train_esd
 from experiments.tests.conftest import TOY, needs_toy
-from utils.params import FINETUNING_METHODS
+from utils.families import FAMILIES
 from utils.saving import save_erasure
 
 
@@ -95,7 +95,7 @@ def make_erasure(base: Path, out: Path, method: str = "xattn", seed: int = 1, bi
     unet = unet or UNet2DConditionModel.from_pretrained(base / "unet")
     out.parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    pick = FINETUNING_METHODS[method]
+    pick = FAMILIES["sd"].SUBSETS[method]
     with torch.no_grad():
         trained = {n: p + 0.05 * torch.randn(p.shape, generator=gen) for n, p in unet.named_parameters()
                    if pick(n) and (biases or n.endswith(".weight") and p.ndim > 1)}
