@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,14 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks.step_timing import Meter, StepWatcher, watching  # noqa: E402
+from benchmarks.step_timing import GIB, Meter, StepWatcher, format_table, summarize, watching  # noqa: E402
 from utils.cli import ArgumentParser, HelpFormatter, UserError, run  # noqa: E402
 
 MODELS = ("sd14", "sdxl", "toy", "tiny")
 PRECISIONS = ("no", "bf16", "fp16")
 TOY_DIR = ROOT / "assets" / "toy-sd"
 CONCEPT = {"sd14": "nudity", "sdxl": "nudity", "toy": "red", "tiny": "nudity"}
-GIB = 2 ** 30
 
 
 # ------------------------------------------------------------------------------------------------ model folders
@@ -154,92 +153,6 @@ def run_worker(spec: dict, scratch: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def _median_step(res: list[dict], warmup: int) -> float:
-    return statistics.median([s for r in res for s in r["step_s"][warmup:]])
-
-
-def fit_steps(points: list[tuple[int, float]]) -> tuple[float, float] | None:
-    """Least-squares s/step = a + b k over (k, seconds): a = fixed cost of a step, b = cost of one sampling step."""
-    if len({k for k, _ in points}) < 2:
-        return None
-    n = len(points)
-    mk, mt = sum(k for k, _ in points) / n, sum(t for _, t in points) / n
-    b = sum((k - mk) * (t - mt) for k, t in points) / sum((k - mk) ** 2 for k, _ in points)
-    return mt - b * mk, b
-
-
-def summarize(results: list[dict], warmup: int) -> list[dict]:
-    """One row per (method, precision): median s/step and peak memory of each layout, and ours / reference."""
-    rows = []
-    fp32_ref = {r["method"]: r["peak"] for r in results if r["layout"] == "reference" and r["precision"] == "no"}
-    keys = list(dict.fromkeys((r["method"], r["precision"]) for r in results))
-    for method, prec in keys:
-        row = dict(method=method, precision="fp32" if prec == "no" else prec)
-        for name, layout in (("ours", "ours"), ("ref", "reference")):
-            rs = [r for r in results if (r["method"], r["precision"], r["layout"]) == (method, prec, layout)]
-            row[f"{name}_ks"] = rs[0]["ks"] if rs else None
-            row[f"{name}_s"] = _median_step(rs, warmup) if rs else None
-            for key in ("peak", "load_peak", "start_resident"):
-                row[f"{name}_{key}"] = max(r[key] for r in rs) if rs else None
-        both = row["ours_s"] is not None and row["ref_s"] is not None
-        row["time_ratio"] = row["ours_s"] / row["ref_s"] if both else None
-        row["mem_ratio"] = row["ours_peak"] / row["ref_peak"] if both else None
-        row["mem_ratio_fp32_ref"] = (row["ours_peak"] / fp32_ref[method]
-                                     if method in fp32_ref and row["ours_peak"] is not None else None)
-        for name, layout in (("ours", "ours"), ("ref", "reference")):
-            pts = [(k, t) for r in results if (r["method"], r["precision"], r["layout"]) == (method, prec, layout)
-                   for k, t in list(zip(r["ks"], r["step_s"]))[warmup:]]
-            row[f"{name}_fit"] = fit_steps(pts)
-        phases = [p for r in results if (r["method"], r["precision"], r["layout"]) == (method, prec, "reference")
-                  for p in (r["phases"] or [])[warmup:]]
-        row["ref_phases"] = {k: statistics.median([p[k] for p in phases]) for k in phases[0]} if phases else None
-        rows.append(row)
-    return rows
-
-
-def _fmt(x: float | None, spec: str, scale: float = 1.0, bold: bool = False) -> str:
-    if x is None:
-        return "n/a"
-    text = format(x / scale, spec)
-    return f"**{text}**" if bold else text
-
-
-def format_table(rows: list[dict], header: str) -> str:
-    """The markdown table printed at the end of a run."""
-    lines = [header, "",
-             "| method | precision | ours s/step | ref s/step | time ours/ref | ours peak GiB | ref peak GiB "
-             "| peak ours/ref | ours / fp32 ref | load peak ours / ref GiB | k per step |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        ks = r["ours_ks"] or r["ref_ks"]
-        lines.append(f"| {r['method']} | {r['precision']} | {_fmt(r['ours_s'], '.4g')} | {_fmt(r['ref_s'], '.4g')} | "
-                     f"{_fmt(r['time_ratio'], '.2f', bold=True)} | {_fmt(r['ours_peak'], '.2f', GIB)} | "
-                     f"{_fmt(r['ref_peak'], '.2f', GIB)} | {_fmt(r['mem_ratio'], '.2f', bold=True)} | "
-                     f"{_fmt(r['mem_ratio_fp32_ref'], '.2f')} | {_fmt(r['ours_load_peak'], '.2f', GIB)} / "
-                     f"{_fmt(r['ref_load_peak'], '.2f', GIB)} | {','.join(map(str, ks))} |")
-    fit_rows = [r for r in rows if r["ours_fit"] and r["ref_fit"]]
-    if fit_rows:
-        lines += ["", "Step time fitted as a + b k over the timed steps (a: fixed cost, b: one guided sampling step), "
-                  "and the ratio it projects for N = 50 (mean k = 24.5):", "",
-                  "| method | precision | ours a | ours b | ref a | ref b | projected time ours/ref, N = 50 |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
-        for r in fit_rows:
-            (ao, bo), (ar, br) = r["ours_fit"], r["ref_fit"]
-            lines.append(f"| {r['method']} | {r['precision']} | {ao:.3g} | {bo:.3g} | {ar:.3g} | {br:.3g} | "
-                         f"{(ao + 24.5 * bo) / (ar + 24.5 * br):.2f} |")
-    phase_rows = [r for r in rows if r["ref_phases"]]
-    if phase_rows:
-        lines += ["", "Reference layout, median seconds per step by phase (timed steps):", "",
-                  "| method | precision | text encoding | teacher sampling | student fwd/bwd + AdamW | full EMA |",
-                  "|---|---|---:|---:|---:|---:|"]
-        for r in phase_rows:
-            p = r["ref_phases"]
-            lines.append(f"| {r['method']} | {r['precision']} | {p['text']:.3f} | {p['sample']:.3f} | "
-                         f"{p['train']:.3f} | {p['ema']:.3f} |")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------ command line
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Flags of the benchmark (and the hidden --worker entry point)."""
     p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -304,30 +217,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     scratch = Path(tempfile.mkdtemp(prefix="bench_train-"))
     try:
         model_path = prepare_model(args.model, args.model_dir, scratch, args.sdxl_width)
-        results, failed = [], []
-        for method in args.methods:
-            for prec in args.mixed_precision:
-                for repeat in range(args.repeats):
-                    for layout in args.layouts:
-                        spec = dict(layout=layout, method=method, precision=prec, repeat=repeat, model=args.model,
-                                    model_path=str(model_path), steps=args.steps, resolution=args.resolution,
-                                    num_ddim_steps=args.num_ddim_steps, finetuning_method=args.finetuning_method,
-                                    train_batch_size=args.train_batch_size, seed=args.seed, device=args.device,
-                                    gradient_checkpointing=args.gradient_checkpointing,
-                                    conv_autotune=args.conv_autotune,
-                                    reference_grads=args.reference_grads, extra=args.extra, threads=args.threads)
-                        t0 = time.time()
-                        try:
-                            res = run_worker(spec, scratch)
-                        except UserError as e:  # e.g. out of memory: the other runs still count
-                            failed.append(dict(spec, error=str(e)))
-                            print(f"{layout:>9} {method} {prec:<4} #{repeat}: failed: {str(e).splitlines()[-1]}")
-                            continue
-                        results.append(res)
-                        print(f"{layout:>9} {method} {prec:<4} #{repeat}: s/step {['%.2f' % s for s in res['step_s']]}"
-                              f" k {res['ks']} peak {res['peak'] / GIB:.2f} GiB ({time.time() - t0:.0f} s)", flush=True)
-                        if args.json:  # after every run: a time limit loses only the run in progress
-                            _write_json(args.json, None, results, failed)
+        results, failed = run_all(args, model_path, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if not results:
@@ -345,6 +235,32 @@ def main(args: argparse.Namespace) -> list[dict]:
     if args.json:
         _write_json(args.json, rows, results, failed)
     return rows
+
+
+def run_all(args: argparse.Namespace, model_path: Path, scratch: Path) -> tuple[list[dict], list[dict]]:
+    """Each (method, precision, repeat, layout) in its own process; a run that fails is listed, the others go on."""
+    results, failed = [], []
+    for method, prec, repeat, layout in itertools.product(args.methods, args.mixed_precision, range(args.repeats),
+                                                          args.layouts):
+        spec = dict(layout=layout, method=method, precision=prec, repeat=repeat, model=args.model,
+                    model_path=str(model_path), steps=args.steps, resolution=args.resolution,
+                    num_ddim_steps=args.num_ddim_steps, finetuning_method=args.finetuning_method,
+                    train_batch_size=args.train_batch_size, seed=args.seed, device=args.device,
+                    gradient_checkpointing=args.gradient_checkpointing, conv_autotune=args.conv_autotune,
+                    reference_grads=args.reference_grads, extra=args.extra, threads=args.threads)
+        t0 = time.time()
+        try:
+            res = run_worker(spec, scratch)
+        except UserError as e:  # e.g. out of memory: the other runs still count
+            failed.append(dict(spec, error=str(e)))
+            print(f"{layout:>9} {method} {prec:<4} #{repeat}: failed: {str(e).splitlines()[-1]}")
+            continue
+        results.append(res)
+        print(f"{layout:>9} {method} {prec:<4} #{repeat}: s/step {['%.2f' % s for s in res['step_s']]}"
+              f" k {res['ks']} peak {res['peak'] / GIB:.2f} GiB ({time.time() - t0:.0f} s)", flush=True)
+        if args.json:  # after every run: a time limit loses only the run in progress
+            _write_json(args.json, None, results, failed)
+    return results, failed
 
 
 def _write_json(path: str, rows: list[dict] | None, results: list[dict], failed: list[dict]) -> None:
