@@ -6,9 +6,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from utils.gen.pipelines import StableDiffusionPipeline  # imported without transformers' torchvision notice
 from utils.tokenizer import write_clip_tokenizer
 
 TINY_WORDS = ["a", "photo", "of", "nudity", "nude", "naked", "body", "red", "circle", "green", "square", "cat", "dog"]

@@ -36,6 +36,15 @@ def quiet_diffusers() -> Iterator[None]:
         diffusers_logging.set_verbosity(old)
 
 
+@contextmanager
+def no_decode_latents_notice() -> Iterator[None]:
+    """Hide the FutureWarning that SLD's and SEGA's pipelines raise on every call: they decode with diffusers' own
+    deprecated decode_latents (nothing the caller can change)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The decode_latents method is deprecated", category=FutureWarning)
+        yield
+
+
 def _import_pipelines() -> tuple[type, type, type]:
     """diffusers' SD, SLD and SEGA pipelines, imported without transformers' notice (transformers 5 without
     torchvision) that the image processors fall back to their PIL versions: we use no image processor."""
