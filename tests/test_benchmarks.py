@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 
+@pytest.mark.slow(minutes=0.3)  # bench_train.py end to end: a worker process per run
 def test_bench_train_tiny_prints_a_table_with_ratios(tmp_path):
     out = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--model", "tiny", "--model_dir",
                           str(tmp_path / "tiny"), "--resolution", "0", "--steps", "2", "--warmup", "0", "--methods",
@@ -35,6 +36,7 @@ def test_bench_train_tiny_prints_a_table_with_ratios(tmp_path):
     assert len(saved["rows"]) == 1 and len(saved["results"]) == 2 and saved["failed"] == []
 
 
+@pytest.mark.slow(minutes=0.3)  # bench_train.py end to end: a worker process per run
 def test_bench_train_goes_on_after_a_failed_run_and_keeps_what_finished(tmp_path):
     """A run that fails (here: a flag the trainer refuses) is listed, not fatal; only none finishing is an error."""
     out = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--model", "tiny", "--model_dir",
