@@ -63,6 +63,7 @@ def test_reference_layout_reproduces_our_trainer_step_by_step(tiny_pipeline, tmp
     assert sum(p.numel() for p in ref.student.parameters() if p.requires_grad) == sum(p.numel() for p in ref.params)
 
 
+@pytest.mark.slow(minutes=0.3)  # three training runs, each judged on 20-step toy images
 def test_time_to_erase_plumbing_on_tiny(tiny_pipeline, tmp_path, capsys, one_thread):
     args = time_to_erase.parse_args(["--model", str(tiny_pipeline), "--runs", "reference", "ours-m2-b1", "ours-r3",
                                      "--max_steps", "2", "--check_every", "2", "--n_per_prompt", "1",
