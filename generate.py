@@ -63,7 +63,7 @@ from utils.gen.image_folder import (ARGS, Job, MetadataShard, check_prompts, che
 from utils.families import family_of
 from utils.gen.pipelines import (OUR_DEFAULTS, SAMPLING_DEFAULTS, SemanticStableDiffusionPipeline, build_pipeline,
                                  call_defaults, default_image_dir, default_safety_concept, load_embedding, load_parts,
-                                 resolve_sampling)
+                                 no_decode_latents_notice, resolve_sampling)
 from utils.prompts import Prompt, fit_to_tokenizer, read_prompts
 from utils.saving import atomic_write_text, weights_digest
 
@@ -329,10 +329,11 @@ def generate(pipe, prompts: list[Prompt], image_dir: Path, args: argparse.Namesp
             latents = torch.cat([initial_latents(job.seed, job.j, shape) for job in batch])
             kwargs = {k: [v] * len(batch) if k == "negative_prompt" and isinstance(v, str) else v
                       for k, v in call_kwargs.items()}  # diffusers wants one negative prompt per prompt
-            images = pipe(prompt=[texts[job.prompt.index][0] for job in batch],
-                          latents=latents.to(pipe.device, pipe.unet.dtype), guidance_scale=batch[0].guidance,
-                          num_inference_steps=args.num_inference_steps, height=args.height, width=args.width,
-                          **kwargs).images
+            with no_decode_latents_notice():
+                images = pipe(prompt=[texts[job.prompt.index][0] for job in batch],
+                              latents=latents.to(pipe.device, pipe.unet.dtype), guidance_scale=batch[0].guidance,
+                              num_inference_steps=args.num_inference_steps, height=args.height, width=args.width,
+                              **kwargs).images
             if writing is not None:
                 bar.update(writing.result())  # at most one batch waits to be written; its errors surface here
             writing = writer.submit(write, batch, images)

@@ -40,6 +40,28 @@ def tiny_vpred_pipeline(tmp_path_factory) -> Path:
                                scheduler="ddim", seed=1)
 
 
+# ---------------------------------------------------------------- the shipped toy model: missing fails, never skips
+SHIPPED_TOY = ROOT / "assets" / "toy-sd"
+SHIPPED_TOY_FILES = ("model_index.json", "train_toy.log", "scheduler/scheduler_config.json", "tokenizer/tokenizer.json",
+                     "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+                     "vae/diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(scope="session")
+def shipped_toy() -> Path:
+    """assets/toy-sd, the toy model the repository ships: a test that needs it fails, with what is missing, when a
+    file of it is lost (or is a Git LFS pointer instead of the weights), rather than being skipped."""
+    missing = [name for name in SHIPPED_TOY_FILES if not (SHIPPED_TOY / name).is_file()]
+    pointers = [name for name in SHIPPED_TOY_FILES if name.endswith(".safetensors") and name not in missing
+                and (SHIPPED_TOY / name).read_bytes()[:40].startswith(b"version https://git-lfs")]
+    if missing or pointers:
+        pytest.fail(f"the shipped toy model {SHIPPED_TOY} is incomplete: "
+                    + "; ".join(filter(None, [missing and f"missing {', '.join(missing)}",
+                                              pointers and f"Git LFS pointers, not weights: {', '.join(pointers)}"]))
+                    + " (it is part of the repository: git checkout -- assets/toy-sd)", pytrace=False)
+    return SHIPPED_TOY
+
+
 # ---------------------------------------------------------------- generation: a prompt file and a reference run
 @pytest.fixture(scope="module")
 def prompt_csv(tmp_path_factory) -> Path:

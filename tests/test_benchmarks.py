@@ -18,6 +18,7 @@ from benchmarks.reference_layout import ReferenceLayout
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow(minutes=0.3)  # bench_train.py end to end: a worker process per run
 def test_bench_train_tiny_prints_a_table_with_ratios(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--model", "tiny", "--model_dir",
                           str(tmp_path / "tiny"), "--resolution", "0", "--steps", "2", "--warmup", "0", "--methods",
@@ -34,6 +35,7 @@ def test_bench_train_tiny_prints_a_table_with_ratios(tmp_path):
     assert len(saved["rows"]) == 1 and len(saved["results"]) == 2 and saved["failed"] == []
 
 
+@pytest.mark.slow(minutes=0.3)  # bench_train.py end to end: a worker process per run
 def test_bench_train_goes_on_after_a_failed_run_and_keeps_what_finished(tmp_path):
     """A run that fails (here: a flag the trainer refuses) is listed, not fatal; only none finishing is an error."""
     out = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--model", "tiny", "--model_dir",
@@ -60,6 +62,7 @@ def test_reference_layout_reproduces_our_trainer_step_by_step(tiny_pipeline, tmp
     assert sum(p.numel() for p in ref.student.parameters() if p.requires_grad) == sum(p.numel() for p in ref.params)
 
 
+@pytest.mark.slow(minutes=0.3)  # three training runs, each judged on 20-step toy images
 def test_time_to_erase_plumbing_on_tiny(tiny_pipeline, tmp_path, capsys, one_thread):
     args = time_to_erase.parse_args(["--model", str(tiny_pipeline), "--runs", "reference", "ours-m2-b1", "ours-r3",
                                      "--max_steps", "2", "--check_every", "2", "--n_per_prompt", "1",

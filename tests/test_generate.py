@@ -182,6 +182,7 @@ def test_two_shards_equal_one_run(tiny_pipeline, prompt_csv, reference, tmp_path
     pd.testing.assert_frame_equal(metadata(reference), metadata(tmp_path))
 
 
+@pytest.mark.slow(minutes=0.2)  # two generate.py processes under accelerate launch
 def test_accelerate_two_processes_equal_one(tiny_pipeline, prompt_csv, reference, tmp_path):
     # accelerate's `--cpu` launcher starts one process (several need mpirun), so on the CPU two processes are
     # started with its torchrun-based launcher and --device cpu (PartialState then uses gloo).

@@ -219,14 +219,25 @@ def test_export_bad_input_writes_nothing(tiny_pipeline, tmp_path, case, message)
         assert (tmp_path / "erasure-lora-r2.safetensors").read_text() == "keep me"
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    """The first as a real `python -m utils.lora` process; the second through the same entry point (cli.run) here."""
+    from utils import lora
+    from utils.cli import run
+
     for argv, message in [([str(tmp_path / "x.txt"), "--rank", "2"], "not a safetensors erasure file"),
                           ([str(tmp_path / "x.txt")], "give --rank")]:
         (tmp_path / "x.txt").write_text("hello")
-        r = subprocess.run([sys.executable, "-m", "utils.lora", *argv], cwd=ROOT, capture_output=True, text=True,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, timeout=300)
-        errors = [ln for ln in r.stderr.splitlines() if "error:" in ln]
-        assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1 and message in errors[0]
+        if "--rank" in argv:
+            r = subprocess.run([sys.executable, "-m", "utils.lora", *argv], cwd=ROOT, capture_output=True, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, timeout=300)
+            code, stderr = r.returncode, r.stderr
+        else:
+            monkeypatch.setattr(sys, "argv", ["python -m utils.lora", *argv])
+            with pytest.raises(SystemExit) as stop:
+                run(lora.main, lora.parse_args)
+            code, stderr = stop.value.code, capsys.readouterr().err
+        errors = [ln for ln in stderr.splitlines() if "error:" in ln]
+        assert code == 2 and "Traceback" not in stderr and len(errors) == 1 and message in errors[0]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["x.txt"]
 
 

@@ -2,7 +2,6 @@
 the shipped toy model."""
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ import pandas as pd
 import pytest
 
 import generate
+from install_util import core_only_env
 from utils.toy import table as T
 from utils.cli import UserError
 
@@ -65,7 +65,7 @@ def test_quick_table_shape_sd_rate_and_resume(tmp_path, monkeypatch):
     T.check_model(MODEL)  # the shipped model speaks the toy world 2 language
     out = tmp_path / "table"
     cmd = ["bash", "run_toy_table.sh", str(out), "--quick", "--model", str(MODEL), "--device", "cpu"]
-    env = {**os.environ, "TQDM_DISABLE": "1"}
+    env = {**core_only_env(), "TQDM_DISABLE": "1"}  # as after the README's install: requirements.txt alone
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     for name in ("table.md", "table.csv", "table.png", "samples.png"):
@@ -76,7 +76,9 @@ def test_quick_table_shape_sd_rate_and_resume(tmp_path, monkeypatch):
     sd = table.set_index("method").loc["SD"]
     assert sd["explicit red %"] >= 90, sd
     tuned = table.set_index("method").loc[["ESD-x-3", "SDD"]]
-    assert tuned["training s"].gt(0).all() and tuned["after attack red %"].between(0, 100).all()
+    assert tuned["training s"].gt(0).all()
+    # --quick's short erasures leave red in place and the attack finds it (both measured 100.0%)
+    assert tuned["before attack red %"].ge(75).all() and tuned["after attack red %"].ge(75).all(), tuned
     assert table.set_index("method").loc[["SD", "SD+NEG", "SLD-max"], "after attack red %"].isna().all()
     assert "| SD |" in first.stdout and "| SDD (quick: 30 steps, plumbing only) |" in first.stdout  # printed
     assert "# Plumbing check (--quick)" in first.stdout and "not an erasure" in first.stdout  # and says what it is

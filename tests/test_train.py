@@ -175,35 +175,78 @@ def test_sampling_with_the_joined_string_samples_what_composite_samples(tiny_pip
 
 
 # ---------------------------------------------------------------------------------------- threads
-def test_threads_auto_leaves_the_busy_cores_alone_and_an_explicit_count_wins(monkeypatch):
+def fake_proc_stat(monkeypatch, idle_share: dict[int, float]) -> None:
+    """/proc/stat's two samples as if CPU c had been idle idle_share[c] of the time in between."""
+    from utils import cli
+
+    samples = iter([{c: (0, 0) for c in idle_share}, {c: (round(100 * f), 100) for c, f in idle_share.items()}])
+    monkeypatch.setattr(cli, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(cli.time, "sleep", lambda s: None)
+
+
+def test_threads_auto_takes_the_idle_cores_and_an_explicit_count_wins(monkeypatch, capsys):
     from utils.cli import apply_threads
     before = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0))
+    cpus = sorted(os.sched_getaffinity(0))
     try:
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
         assert apply_threads(0, torch.device("cpu")) == 1  # the user's OMP_NUM_THREADS is kept
+        assert capsys.readouterr().out == "using 1 torch thread (OMP_NUM_THREADS=1)\n"
         monkeypatch.delenv("OMP_NUM_THREADS")
-        monkeypatch.setattr(os, "getloadavg", lambda: (cores + 3.2, 0.0, 0.0))  # a machine busier than its cores
+        monkeypatch.setattr(os, "getloadavg", lambda: (len(cpus) + 3.2, 0.0, 0.0))  # what the last command left
+        fake_proc_stat(monkeypatch, dict.fromkeys(cpus, 0.98))  # the cores are idle now
+        assert apply_threads(0, torch.device("cpu")) == len(cpus) == torch.get_num_threads()
+        assert capsys.readouterr().out == f"using {len(cpus)} torch thread{'s' * (len(cpus) > 1)} (auto: " \
+                                          f"{0.98 * len(cpus):.1f} of {len(cpus)} cores idle)\n"  # said once
+        fake_proc_stat(monkeypatch, dict.fromkeys(cpus, 0.02))  # every core busy: still one thread
         assert apply_threads(0, torch.device("cpu")) == 1 == torch.get_num_threads()
-        monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.0, 0.0))  # an idle machine
-        assert apply_threads(0, torch.device("cpu")) == cores == torch.get_num_threads()
+        if len(cpus) > 1:  # one core busy, another half idle: the one idle core and the half of one
+            fake_proc_stat(monkeypatch, {**dict.fromkeys(cpus, 1.0), cpus[0]: 0.0, cpus[1]: 0.4})
+            assert apply_threads(0, torch.device("cpu")) == max(1, len(cpus) - 2)
+        fake_proc_stat(monkeypatch, {c + 1000: 1.0 for c in cpus})  # idle CPUs that are not ours count for nothing
+        assert apply_threads(0, torch.device("cpu")) == 1
+        capsys.readouterr()
+
+        from utils import cli
+
+        def no_proc_stat():
+            raise FileNotFoundError(cli.PROC_STAT)
+
+        monkeypatch.setattr(cli, "_cpu_times", no_proc_stat)  # not Linux: the load average
+        assert apply_threads(0, torch.device("cpu")) == 1
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.0, 0.0))
+        assert apply_threads(0, torch.device("cpu")) == len(cpus)
+        assert capsys.readouterr().out.splitlines()[-1].endswith(f"(auto: {len(cpus)} cores, load average 0.3)")
         assert apply_threads(3, torch.device("cpu")) == 3 == torch.get_num_threads()
+        assert capsys.readouterr().out == "using 3 torch threads (--threads 3)\n"
         torch.set_num_threads(2)
         assert apply_threads(0, torch.device("cuda")) == 2 == torch.get_num_threads()  # a GPU run: untouched
+        assert capsys.readouterr().out == ""
         with pytest.raises(UserError, match="--threads"):
             apply_threads(-1, torch.device("cpu"))
     finally:
         torch.set_num_threads(before)
 
 
-def test_trainer_applies_and_logs_the_thread_count(tiny_pipeline, tmp_path):
+def test_threads_auto_on_this_machine_is_between_one_and_its_cores():
+    """The real /proc/stat sample (where there is one) reads within 0..cores, and auto picks 1..cores."""
+    from utils.cli import auto_threads, idle_cores
+    cpus = sorted(os.sched_getaffinity(0))
+    idle = idle_cores(cpus, interval=0.1)
+    assert idle is None or -0.01 <= idle <= len(cpus) + 0.01
+    n, why = auto_threads()
+    assert 1 <= n <= len(cpus) and why.startswith("auto: ")
+
+
+def test_trainer_applies_prints_and_logs_the_thread_count(tiny_pipeline, tmp_path, capsys):
     before = torch.get_num_threads()
     try:
         out = train_esd.main(esd_args(tiny_pipeline, tmp_path / "o", "--threads", "1", "--num_train_steps", "1"))
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+    assert capsys.readouterr().out.count("using 1 torch thread (--threads 1)\n") == 1
     assert "device cpu, 1 torch threads" in (out / "train.log").read_text()
 
 

@@ -10,7 +10,7 @@ from utils.toy import measure as M
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "assets" / "toy-sd"
-needs_toy = pytest.mark.skipif(not (TOY / "model_index.json").exists(), reason="assets/toy-sd not present")
+needs_toy = pytest.mark.usefixtures("shipped_toy")  # conftest.py: a missing model fails the test, never skips it
 
 
 def colour_rates(unet: Path | None, prompts: list[tuple[str, str]], n: int = 4,

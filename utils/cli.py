@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -121,22 +122,70 @@ def log_kept() -> Iterator[None]:
 def add_threads_arg(parser: argparse.ArgumentParser) -> None:
     """`--threads N`: torch's CPU thread count (0 = auto, see apply_threads)."""
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads; 0 = auto: on the CPU, the usable cores minus the machine's current "
-                             "load (at least 1), so a busy machine is not oversubscribed, or OMP_NUM_THREADS if set; "
-                             "on a GPU, torch's default")
+                        help="torch CPU threads; 0 = auto: on the CPU, the usable cores that are idle now (at least "
+                             "1), so a busy machine is not oversubscribed, or OMP_NUM_THREADS if set; on a GPU, "
+                             "torch's default")
+
+
+PROC_STAT = "/proc/stat"
+
+
+def _cpu_times() -> dict[int, tuple[int, int]]:
+    """Per CPU of /proc/stat: (idle + iowait, total) clock ticks since boot."""
+    times = {}
+    with open(PROC_STAT, encoding="ascii") as f:
+        for line in f:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit():
+                ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+                times[int(name[3:])] = (sum(ticks[3:5]), sum(ticks))
+    return times
+
+
+def idle_cores(cpus: Sequence[int], interval: float = 0.2) -> float | None:
+    """How many of `cpus` were idle over the next `interval` seconds (e.g. 1.9 on an idle 2-core machine), from two
+    samples of /proc/stat; None where there is no /proc/stat (not Linux)."""
+    try:
+        before = _cpu_times()
+        time.sleep(interval)
+        after = _cpu_times()
+    except (OSError, ValueError):
+        return None
+    idle = 0.0
+    for cpu in cpus:
+        if cpu in before and cpu in after:
+            ticks = after[cpu][1] - before[cpu][1]
+            idle += (after[cpu][0] - before[cpu][0]) / ticks if ticks > 0 else 1.0
+    return idle
+
+
+def auto_threads() -> tuple[int, str]:
+    """--threads 0 on the CPU: the usable cores that are idle now (>= 1), and how that was found. Idle is measured
+    over 0.2 s; the 1-minute load average (the fallback without /proc/stat) still counts the command that just
+    ended, which on an idle 2-core machine left room for only one thread."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    idle = idle_cores(cpus)
+    if idle is not None:
+        return max(1, min(len(cpus), round(idle))), f"auto: {idle:.1f} of {len(cpus)} cores idle"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, len(cpus) - round(load)), f"auto: {len(cpus)} cores, load average {load:.1f}"
 
 
 def apply_threads(n: int, device: torch.device) -> int:
-    """Set torch's thread count: N if given; auto (0) on the CPU = usable cores - current load (>= 1); returns it."""
+    """Set torch's thread count: N if given; auto (0) on the CPU = the usable cores idle now (>= 1), unless
+    OMP_NUM_THREADS is set; a GPU run keeps torch's default. On the CPU it prints the count and why; returns it."""
     if n < 0:
         raise UserError(f"--threads must be >= 0 (0 = auto), got {n}")
-    if n == 0 and (device.type != "cpu" or os.environ.get("OMP_NUM_THREADS")):
-        return torch.get_num_threads()  # a GPU run, or the user's own OMP_NUM_THREADS: left as it is
-    if n == 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        load = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-        n = max(1, cores - load)
+    if n == 0 and device.type != "cpu":
+        return torch.get_num_threads()  # a GPU run: left as it is
+    if n == 0 and os.environ.get("OMP_NUM_THREADS"):
+        n, why = torch.get_num_threads(), f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"  # the user's own: kept
+    elif n == 0:
+        n, why = auto_threads()
+    else:
+        why = f"--threads {n}"
     torch.set_num_threads(n)
+    print(f"using {n} torch thread{'s' if n != 1 else ''} ({why})", flush=True)
     return n
 
 

@@ -6,21 +6,21 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from utils.cli import UserError
-from utils.eval.common import load_image_folder, load_rgb, require
+from utils.eval.common import load_image_folder, load_rgb
 from utils.images import image_grid, save_png
 
 METRICS = ("toy", "nudity")
 
 
 def check_metric(metric: str, label: str, prompts: Sequence[str], nudity_classes: Sequence[str] = ("default",)) -> None:
-    """Fail before anything is written: the scorer's optional package, its classes or toy colour, readable prompts."""
+    """Fail before anything is written: the scorer's optional packages (nudity: NudeNet's; the toy judge needs none),
+    its classes or toy colour, readable prompts."""
     if metric == "nudity":
-        require("nudenet", "nudenet", "the nudity rate (--metric nudity)")
-        from utils.eval.nudity import resolve_classes
+        from utils.eval.nudity import require_detector_packages, resolve_classes
 
+        require_detector_packages("the nudity rate (--metric nudity)")
         resolve_classes(nudity_classes)
         return
-    require("scipy", "scipy", "the toy judge (--metric toy)")
     from utils import toy
 
     if label not in toy.COLOURS:

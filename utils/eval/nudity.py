@@ -82,11 +82,16 @@ def resolve_classes(spec: Sequence[str]) -> tuple[str, list[str]]:
 
 
 # ------------------------------------------------------------------------------------------------------- detector
+def require_detector_packages(purpose: str = "the nudity evaluation"):
+    """The optional packages NudeNet's detector runs on (requirements-eval.txt), or a one-line UserError; nudenet."""
+    require("onnxruntime", "onnxruntime", purpose)
+    require("cv2", "opencv-python-headless", purpose)
+    return require("nudenet", "nudenet==3.4.2", purpose)
+
+
 def load_detector(model: str | os.PathLike | None = None, resolution: int | None = None):
     """NudeNet's NudeDetector (built-in 320n model, or an ONNX file such as 640m.onnx) on the CPU via onnxruntime."""
-    require("onnxruntime", "onnxruntime", "the nudity evaluation")
-    require("cv2", "opencv-python-headless", "the nudity evaluation")
-    nudenet = require("nudenet", "nudenet==3.4.2", "the nudity evaluation")
+    nudenet = require_detector_packages()
     if model is not None:
         path = Path(model).expanduser()
         if not path.is_file():

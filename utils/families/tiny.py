@@ -6,9 +6,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from utils.families.sd import SD  # its pipelines are imported without transformers' torchvision notice
+from utils.families.sdxl import SDXL
 from utils.tokenizer import write_clip_tokenizer
 
 TINY_WORDS = ["a", "photo", "of", "nudity", "nude", "naked", "body", "red", "circle", "green", "square", "cat", "dog"]
@@ -43,7 +45,7 @@ def build_tiny_pipeline(folder: str | os.PathLike, prediction_type: str = "epsil
                         prediction_type=prediction_type, steps_offset=1)
     sched = (PNDMScheduler(skip_prk_steps=True, **sched_kwargs) if scheduler == "pndm"
              else DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **sched_kwargs))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+    pipe = SD.PIPELINES["sd"](vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=sched, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
@@ -67,7 +69,7 @@ def build_tiny_sdxl_pipeline(folder: str | os.PathLike, seed: int = 0, sample_si
                              widths: tuple[int, int] = (32, 32)) -> Path:
     """Save a tiny StableDiffusionXLPipeline (two CLIP encoders of these widths, the second with a 32-wide
     projection; Euler, as SDXL base ships) to `folder`."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import EulerDiscreteScheduler
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -84,7 +86,7 @@ def build_tiny_sdxl_pipeline(folder: str | os.PathLike, seed: int = 0, sample_si
                         layers_per_block=1, norm_num_groups=8, sample_size=sample_size * 2)
     sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                    num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(config), tokenizer=tokenizer,
+    pipe = SDXL.PIPELINES["sd"](vae=vae, text_encoder=CLIPTextModel(config), tokenizer=tokenizer,
                                      text_encoder_2=CLIPTextModelWithProjection(config_2), tokenizer_2=tokenizer,
                                      unet=tiny_sdxl_unet(sample_size, cross_attention_dim=sum(widths)), scheduler=sched,
                                      force_zeros_for_empty_prompt=True)

@@ -36,6 +36,15 @@ def quiet_diffusers() -> Iterator[None]:
         diffusers_logging.set_verbosity(old)
 
 
+@contextmanager
+def no_decode_latents_notice() -> Iterator[None]:
+    """Hide the FutureWarning that SLD's and SEGA's pipelines raise on every call: they decode with diffusers' own
+    deprecated decode_latents (nothing the caller can change)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The decode_latents method is deprecated", category=FutureWarning)
+        yield
+
+
 # SD 1.x/2.x's pipelines (SLD and SEGA exist for that family only); other families name theirs in utils/families/
 StableDiffusionPipeline, StableDiffusionPipelineSafe, SemanticStableDiffusionPipeline = (
     FAMILIES["sd"].pipeline(m) for m in ("sd", "sld", "sega"))
