@@ -28,13 +28,14 @@ PARSE_ONLY = [
     (r"^python -m pytest", "the test suite itself"),
     (r"CompVis/|runwayml/|stabilityai/", "Stable Diffusion weights from the hub"),
     (r"--model sd14", "an SD-1.4-shaped U-Net: seconds to minutes per step on a CPU, tens of GiB for the tables"),
+    (r"--model sdxl|--family sdxl", "an SDXL-shaped U-Net: minutes per step on a CPU, 8-10 GiB for the tables"),
     (r"--metric nudity", "attacks SD 1.4 (its default model) and scores with NudeNet"),
     (r"^python -m utils\.toy train", "trains the toy model (about 45 minutes) into assets/, the shipped model"),
     (r"run_toy_table\.sh(?!.*--quick)", "every method on the toy model: tens of minutes"),
     (r"-m utils\.toy\.table", "every method on the toy model: tens of minutes"),
     (r"run_toy_table\.sh.*--quick", "tests/test_toy_table.py runs it (about 3 minutes)"),
     (r"i2p_4703\.csv|coco_30k\.csv", "reads the I2P / COCO-30k prompt lists, which are not shipped"),
-    (r"^bash benchmarks/gpu_check\.sh" if torch.cuda.is_available() else r"(?!)", "about 4 minutes on the GPU"),
+    (r"^bash benchmarks/gpu_check\.sh" if torch.cuda.is_available() else r"(?!)", "about 10 minutes on the GPU"),
 ]
 # tiny settings appended to a program's argv (argparse: the last value wins); every program a page runs needs a key
 TINY: dict[str, list[str]] = {
