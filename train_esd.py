@@ -22,7 +22,6 @@ from utils.families import Cond
 from utils.train.args import add_training_args
 from utils.train.concepts import per_concept_problem, per_concept_value
 from utils.train.loop import Batch, Setup, output_mse, train
-from utils.train.views import snapshot
 
 
 class ESD:
@@ -41,7 +40,7 @@ class ESD:
     def __init__(self, setup: Setup) -> None:
         self.family = setup.family
         self.student = setup.subset
-        self.original = snapshot(setup.subset)  # frozen starting values of the trained tensors only
+        self.original = setup.original()  # frozen starting values of the trained tensors only
         self.sampler = None
         self.result = self.student
         self.etas, self.concepts = setup.args.negative_guidance, setup.concepts  # one eta, or one per concept

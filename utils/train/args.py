@@ -7,6 +7,7 @@ from utils.cli import add_threads_arg
 from utils.train.concepts import CONCEPT_METHODS
 from utils.lora import rank_arg
 from utils.train.optim import add_adamw_args
+from utils.train.preserve import add_preserve_args
 from utils.families import FINETUNING_METHODS
 
 
@@ -93,3 +94,4 @@ def add_training_args(p: argparse.ArgumentParser, *, num_train_steps: int, weigh
     g.add_argument("--num_validation_images", "--num_images_per_prompt", type=int, default=2,
                    help="images per validation prompt (--num_images_per_prompt: the reference code's name)")
     g.add_argument("--validation_guidance_scale", type=float, default=7.5, help="CFG scale of validation images")
+    add_preserve_args(p)

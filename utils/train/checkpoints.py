@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from utils.cli import Stopped, UserError, same_flag_value
 from utils.train.concepts import concept_steps_problem
+from utils.train.preserve import read_preserve_prompts
 from utils.train.trajectory import TrajectoryQueue
 from utils.saving import atomic_dir
 from utils.text import read_word_list
@@ -61,8 +62,9 @@ def checkpoint_step(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def check_run_args(args: argparse.Namespace, method) -> tuple[list[str], list[str], Path | None, dict]:
-    """Concepts, validation prompts, the checkpoint to resume and the run's identity; UserError before any write.
+def check_run_args(args: argparse.Namespace, method) -> tuple[list[str], list[str], list[str], Path | None, dict]:
+    """Concepts, validation prompts, preserve prompts, the checkpoint to resume and the run's identity; UserError
+    before any write.
 
     `method` (a utils.train.loop.Method class) checks its own flags and names those that do not define the run."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -84,6 +86,7 @@ def check_run_args(args: argparse.Namespace, method) -> tuple[list[str], list[st
     if (args.checkpoints_total_limit or 0) < 0:
         raise UserError(f"--checkpoints_total_limit must be >= 0 (0 or unset: keep all), got "
                         f"{args.checkpoints_total_limit}")
+    preserve = read_preserve_prompts(args)
     method.check(args, concepts)
     resume = resolve_resume(args)
     if resume is not None and (checkpoint_step(resume) or 0) > args.num_train_steps:
@@ -91,9 +94,11 @@ def check_run_args(args: argparse.Namespace, method) -> tuple[list[str], list[st
                         f"--output_dir")
     check_output_dir(args, resume)
     identity = run_identity(args, concepts, NEUTRAL_FLAGS | method.neutral_flags)
+    if preserve:
+        identity["preserve_prompts"] = preserve  # the prompts as read, not the file's name
     if resume is not None:
         check_same_run(resume, identity)
-    return concepts, val_prompts, resume, identity
+    return concepts, val_prompts, preserve, resume, identity
 
 
 def resolve_resume(args: argparse.Namespace) -> Path | None:

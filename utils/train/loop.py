@@ -2,10 +2,10 @@
 
 A method (see train_sdd.py / train_esd.py) owns its flags and checks, and says which prompts a step uses, which
 weights sample z_t, what the loss is, what happens after an optimizer step and which weights are the result; the
-loop reads none of its flags. Everything else lives here once: the shared flags in utils/train/args.py, checks,
-checkpoints, the same-run check on resume and signals in utils/train/checkpoints.py, trajectories in
-utils/train/trajectory.py, and what is specific to the model (encoders, the denoiser call, the scheduler step) in
-its family (utils/families/).
+loop reads none of its flags. Everything else lives here once: the shared flags in utils/train/args.py, the
+preservation term the loop adds to any method's loss in utils/train/preserve.py, checks, checkpoints, the same-run
+check on resume and signals in utils/train/checkpoints.py, trajectories in utils/train/trajectory.py, and what is
+specific to the model (encoders, the denoiser call, the scheduler step) in its family (utils/families/).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Protocol
 
@@ -30,6 +30,7 @@ from utils.train.checkpoints import (StopOnSignal, TrainState, check_run_args, c
 from utils.train.concepts import concept_schedule, joined
 from utils.train.convtune import autotune_convolutions, choices
 from utils.train.optim import autocast_to, make_adamw
+from utils.train.preserve import Preservation
 from utils.train.trajectory import TrajectoryQueue, validation_grid
 from utils.train.views import View, snapshot, swapped_in
 
@@ -84,6 +85,14 @@ class Setup:
     subset: dict[str, torch.nn.Parameter]
     args: argparse.Namespace
     concepts: list[str]
+    _original: dict | None = field(default=None, repr=False)
+
+    def original(self) -> dict[str, torch.Tensor]:
+        """The trained subset's starting values, frozen: copied on the first call only (memory), then shared by all
+        who ask (ESD's target, SDD's --uncond_from original, the preservation term)."""
+        if self._original is None:
+            self._original = snapshot(self.subset)
+        return self._original
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -120,7 +129,7 @@ class Run:
 
     def __init__(self, args: argparse.Namespace, method: type[Method]) -> None:
         self.args, self.out = args, Path(args.output_dir)
-        self.concepts, self.val_prompts, resume, self.identity = check_run_args(args, method)
+        self.concepts, self.val_prompts, self.preserve_prompts, resume, self.identity = check_run_args(args, method)
         self.device = resolve_device(args.device)
         self.dtype = DTYPES[args.mixed_precision]
         threads = apply_threads(args.threads, self.device)
@@ -158,8 +167,8 @@ class Run:
         for encoder in family.text_encoders(parts):
             cast(encoder, device, dtype)
         size = tuple(n * family.vae_scale_factor(parts) for n in self.latent_shape[1:])
-        self.embeds = family.encode(parts, ["", joined(self.concepts), *self.concepts, *self.val_prompts], device,
-                                    size)
+        self.embeds = family.encode(parts, ["", joined(self.concepts), *self.concepts, *self.val_prompts,
+                                            *self.preserve_prompts], device, size)
         if args.empty_prompt == "zeros":  # c_0 as SDXL's pipeline makes an empty negative prompt
             self.embeds[""] = Cond(torch.zeros_like(self.embeds[""].hidden),
                                    {k: torch.zeros_like(v) if k == "text_embeds" else v
@@ -183,7 +192,12 @@ class Run:
             unet.enable_gradient_checkpointing()
         unet.train()
         optimizer, lr_scheduler, scaler = make_adamw(subset.values(), args, device, dtype)
-        self.method = method(Setup(family, unet, subset, args, self.concepts))
+        setup = Setup(family, unet, subset, args, self.concepts)
+        self.method = method(setup)
+        self.preserve = None  # --preserve_prompts: a term the loop adds to the method's loss (utils/train/preserve.py)
+        if self.preserve_prompts and args.preserve_weight > 0:
+            self.preserve = Preservation(family, self.preserve_prompts, self.embeds, setup.original(),
+                                         args.preserve_weight, args.preserve_batch)
         self.schedule = concept_schedule(self.concepts, args.concept_method, args.num_train_steps, args.seed,
                                          args.concept_steps)
         generator = torch.Generator().manual_seed(args.seed)  # k, z_T and jitter: CPU draws, same on every device
@@ -225,6 +239,8 @@ class Run:
                       c_p, weight)
         with self.autocast():
             loss = self.method.loss(self.unet, batch)
+            if self.preserve is not None:
+                loss = loss + self.preserve.loss(self.unet, batch, self.step)
         if not torch.isfinite(loss):
             where = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written yet"
             self.logger.error("loss is %s at step %d; stopping", loss.item(), self.step)
@@ -249,8 +265,9 @@ class Run:
         st.optimizer.zero_grad(set_to_none=True)
         self.method.after_step()
         self.step += 1
-        self.logger.info("step %d loss %.6g concept %r k %d t %d lr %.3g", self.step, total, c_p, k, int(t.min()),
-                         st.lr_scheduler.get_last_lr()[0])
+        self.logger.info("step %d loss %.6g concept %r k %d t %d lr %.3g%s", self.step, total, c_p, k, int(t.min()),
+                         st.lr_scheduler.get_last_lr()[0],
+                         "" if self.preserve is None else f" preserve {self.preserve.last:.6g}")
         return total, c_p, k
 
     def checkpoint_and_validate(self, stopping: bool) -> None:
