@@ -21,7 +21,7 @@ import generate
 import train_esd
 from utils.cli import UserError
 from utils.lora import PREFIX, apply_loras, export_lora, low_rank, main as lora_main, parse_args as lora_args
-from utils.families import FAMILIES
+from train_util import make_erasure
 from utils.saving import apply_erasure, save_erasure
 from utils.families.tiny import tiny_unet
 
@@ -29,21 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_erasure(base: Path, out: Path, method: str = "xattn", seed: int = 1, biases: bool = False,
-                 unet: UNet2DConditionModel | None = None) -> Path:
-    """An erasure file whose `method` weights (and biases/norms if asked) are the base's plus noise."""
-    unet = unet or UNet2DConditionModel.from_pretrained(base / "unet")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    pick = FAMILIES["sd"].SUBSETS[method]
-    with torch.no_grad():
-        trained = {n: p + 0.05 * torch.randn(p.shape, generator=gen) for n, p in unet.named_parameters()
-                   if pick(n) and (biases or n.endswith(".weight") and p.ndim > 1)}
-    save_erasure(out, trained, {"base_model": str(base), "method": "esd", "finetuning_method": method,
-                                "concepts": ["red circle"], "num_train_steps": 3})
-    return out
 
 
 def unet_output(unet: torch.nn.Module) -> torch.Tensor:

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import train_esd
-from toy_util import TOY, colour_rates, needs_toy
+from toy_util import colour_rates, esd_demo_run, needs_toy
 
 pytestmark = [needs_toy, pytest.mark.slow(minutes=1)]
 
@@ -15,11 +14,7 @@ pytestmark = [needs_toy, pytest.mark.slow(minutes=1)]
 @pytest.fixture(scope="module")
 def esd_run(tmp_path_factory, one_thread) -> Path:
     """run_esd_toy.sh's training (150 steps), with a checkpoint at step 75 and at the end."""
-    return train_esd.main(train_esd.parse_args([
-        "--pretrained_model_name_or_path", str(TOY), "--removing_concepts", "red", "--num_train_steps", "150",
-        "--train_batch_size", "4", "--learning_rate", "1e-4", "--num_ddim_steps", "20", "--guidance_scale", "3",
-        "--negative_guidance", "2", "--checkpointing_steps", "75", "--seed", "0", "--device", "cpu",
-        "--threads", "1", "--output_dir", str(tmp_path_factory.mktemp("esd") / "esd")]))
+    return esd_demo_run(tmp_path_factory.mktemp("esd") / "esd")
 
 
 def test_esd_erases_the_word_red_and_keeps_blue_and_green(esd_run, one_thread):

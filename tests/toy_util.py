@@ -21,3 +21,14 @@ def colour_rates(unet: Path | None, prompts: list[tuple[str, str]], n: int = 4,
                                                  for p, c in prompts for j in range(n)])
     read = nearest_colour if lenient else (lambda im: judge(im)[0])
     return {p: sum(read(im) == c for im in images[i * n:(i + 1) * n]) / n for i, (p, c) in enumerate(prompts)}
+
+
+def esd_demo_run(out: Path) -> Path:
+    """run_esd_toy.sh's training (150 steps, eta 2), with a checkpoint at step 75 and at the end, into `out`."""
+    import train_esd
+
+    return train_esd.main(train_esd.parse_args([
+        "--pretrained_model_name_or_path", str(TOY), "--removing_concepts", "red", "--num_train_steps", "150",
+        "--train_batch_size", "4", "--learning_rate", "1e-4", "--num_ddim_steps", "20", "--guidance_scale", "3",
+        "--negative_guidance", "2", "--checkpointing_steps", "75", "--seed", "0", "--device", "cpu",
+        "--threads", "1", "--output_dir", str(out)]))

@@ -1,4 +1,4 @@
-"""Helpers shared by the training tests: the tiny runs' flags and what a run changed."""
+"""Helpers shared by the training tests: the tiny runs' flags, what a run changed, and made-up erasure files."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +8,8 @@ from diffusers import UNet2DConditionModel
 
 import train_esd
 import train_sdd
+from utils.families import FAMILIES
+from utils.saving import save_erasure
 
 FAST = ["--num_train_steps", "3", "--num_ddim_steps", "4", "--device", "cpu"]
 
@@ -32,3 +34,18 @@ def moved(base: Path, out: Path) -> set[str]:
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
+
+
+def make_erasure(base: Path, out: Path, method: str = "xattn", seed: int = 1, biases: bool = False,
+                 unet: UNet2DConditionModel | None = None) -> Path:
+    """An erasure file whose `method` weights (and biases/norms if asked) are the base's plus noise."""
+    unet = unet or UNet2DConditionModel.from_pretrained(base / "unet")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    pick = FAMILIES["sd"].SUBSETS[method]
+    with torch.no_grad():
+        trained = {n: p + 0.05 * torch.randn(p.shape, generator=gen) for n, p in unet.named_parameters()
+                   if pick(n) and (biases or n.endswith(".weight") and p.ndim > 1)}
+    save_erasure(out, trained, {"base_model": str(base), "method": "esd", "finetuning_method": method,
+                                "concepts": ["red circle"], "num_train_steps": 3})
+    return out

@@ -5,13 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from diffusers import UNet2DConditionModel
 
-import train_esd
-from experiments.tests.conftest import TOY, needs_toy
-from utils.families import FAMILIES
-from utils.saving import save_erasure
+from toy_util import TOY, esd_demo_run, needs_toy
+from train_util import make_erasure
 
 
 def test_empty_mix_ddim_row_is_the_quality_commands_empty_mix(tmp_path, one_thread):
@@ -89,21 +85,6 @@ def test_empty_mix_eta1_step_is_finite_at_zero_terminal_snr():
 
 
 
-def make_erasure(base: Path, out: Path, method: str = "xattn", seed: int = 1, biases: bool = False,
-                 unet: UNet2DConditionModel | None = None) -> Path:
-    """An erasure file whose `method` weights (and biases/norms if asked) are the base's plus noise."""
-    unet = unet or UNet2DConditionModel.from_pretrained(base / "unet")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    pick = FAMILIES["sd"].SUBSETS[method]
-    with torch.no_grad():
-        trained = {n: p + 0.05 * torch.randn(p.shape, generator=gen) for n, p in unet.named_parameters()
-                   if pick(n) and (biases or n.endswith(".weight") and p.ndim > 1)}
-    save_erasure(out, trained, {"base_model": str(base), "method": "esd", "finetuning_method": method,
-                                "concepts": ["red circle"], "num_train_steps": 3})
-    return out
-
-
 def test_rank_benchmark_table(tiny_pipeline, tmp_path):
     from experiments import lora_rank
 
@@ -127,11 +108,7 @@ def test_rank_benchmark_table(tiny_pipeline, tmp_path):
 @pytest.fixture(scope="module")
 def esd_run(tmp_path_factory, one_thread) -> Path:
     """run_esd_toy.sh's training (150 steps), with a checkpoint at step 75 and at the end."""
-    return train_esd.main(train_esd.parse_args([
-        "--pretrained_model_name_or_path", str(TOY), "--removing_concepts", "red", "--num_train_steps", "150",
-        "--train_batch_size", "4", "--learning_rate", "1e-4", "--num_ddim_steps", "20", "--guidance_scale", "3",
-        "--negative_guidance", "2", "--checkpointing_steps", "75", "--seed", "0", "--device", "cpu",
-        "--threads", "1", "--output_dir", str(tmp_path_factory.mktemp("esd") / "esd")]))
+    return esd_demo_run(tmp_path_factory.mktemp("esd") / "esd")
 
 
 @needs_toy
