@@ -68,8 +68,8 @@ def load_parts(name: str, unet_path: str | None, dtype: torch.dtype, revision: s
                variant: str | None = None, tokenizer_path: str | None = None,
                text_encoder_path: str | None = None,
                loras: Sequence[tuple[str, float]] = ()) -> dict[str, Any]:
-    """The checkpoint's components (its own scheduler; no safety checker) with --unet_path's weights applied and
-    the LoRAs applied, and the tokenizer / text encoder replaced by the given folders (the reference code's --tokenizer_path ...)."""
+    """The checkpoint's components and settings (its own scheduler; no safety checker) with --unet_path's weights
+    applied and the LoRAs applied, and the tokenizer / text encoder replaced by the given folders (the reference code's --tokenizer_path ...)."""
     check_model_source(name)
     family = family_of(name)
     with quiet_diffusers():
@@ -79,7 +79,9 @@ def load_parts(name: str, unet_path: str | None, dtype: torch.dtype, revision: s
         load_unet_into(base.unet, unet_path)
     with quiet_diffusers():  # diffusers notes that the LoRAs hold nothing for the text encoder
         apply_loras(base, loras)
-    parts = {**base.components, **family.load_text(tokenizer_path, text_encoder_path)}
+    # the pipeline's own settings too (SDXL's force_zeros_for_empty_prompt: how an empty negative prompt is encoded)
+    settings = {k: v for k, v in base.config.items() if not k.startswith("_") and k not in base.components}
+    parts = {**base.components, **settings, **family.load_text(tokenizer_path, text_encoder_path)}
     if text_encoder_path:
         parts["text_encoder"].to(dtype)
     family.check_text_width(parts, text_encoder_path)

@@ -1,6 +1,7 @@
 """`python -m utils.toy {train,judge,quality,compare,panels,prompts}`: train the toy model, check the judge, measure.
 
   python -m utils.toy train --output_dir outputs/toy-sd                 # seeded, CPU, ~1 h (shipped flags: docs/toy_world.md)
+  python -m utils.toy train --family sdxl --output_dir outputs/toy-sdxl # the same world in SDXL's shape (assets/toy-sdxl)
   python -m utils.toy judge                                             # the judge on freshly rendered images
   python -m utils.toy quality --model assets/toy-sd                     # base quality (docs/toy_world.md numbers)
   python -m utils.toy compare --unet OUT/unet --output OUT/before_after.png   # erasure table + the picture
@@ -228,6 +229,9 @@ def _add_train_parser(sub) -> None:
                    help="where the pipeline, train_toy.log and checkpoints go (a stopped run there is resumed)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished pipeline, or a stopped run, in "
                    "--output_dir (training starts again from step 0)")
+    p.add_argument("--family", choices=["sd", "sdxl"], default="sd",
+                   help="the model's shape: sd (one text encoder; assets/toy-sd) or sdxl (two text encoders, pooled "
+                        "embedding and time ids; assets/toy-sdxl)")
     p.add_argument("--seed", type=int, default=2, help="seed of the data, the initial weights and training (the "
                    "default is the shipped model's)")
     p.add_argument("--n_images", type=int, default=12000, help="rendered training images (colours and shapes balanced)")

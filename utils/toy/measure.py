@@ -49,15 +49,13 @@ class Item:
 
 
 def load_pipeline(model: str | os.PathLike, unet: str | os.PathLike | None = None, device: str | None = "cpu"):
-    """A StableDiffusionPipeline from a local folder, its U-Net optionally replaced (U-Net folder, erasure file or
-    training checkpoint folder)."""
-    from utils.gen.pipelines import StableDiffusionPipeline, load_parts, quiet_diffusers  # without transformers' notices
+    """The model family's text-to-image pipeline (StableDiffusionPipeline, or StableDiffusionXLPipeline for an SDXL
+    toy) from a local folder, its U-Net optionally replaced (U-Net folder, erasure file or training checkpoint folder)."""
+    from utils.families import family_of
+    from utils.gen.pipelines import build_pipeline, load_parts  # without transformers' notices
 
     parts = load_parts(str(model), None if unet is None else str(unet), torch.float32)
-    with quiet_diffusers():
-        pipe = StableDiffusionPipeline(**parts, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(resolve_device(device))
+    return build_pipeline(family_of(str(model)).pipeline("sd"), parts, resolve_device(device))
 
 
 def image_seed(prompt: str, j: int, seed: int = 0) -> int:

@@ -1,8 +1,10 @@
-"""Training the toy model on the CPU, seeded and resumable: a VAE, then the U-Net and text encoder together.
+"""Training the toy model on the CPU, seeded and resumable: a VAE, then the U-Net and text encoder(s) together.
 
 The pipeline is Stable-Diffusion-shaped (CLIP tokenizer + text encoder, AutoencoderKL 32x32 -> 4x16x16,
 cross-attention UNet2DConditionModel, DDIM with SD's betas) and saved with save_pretrained, so every script loads it
-like SD. Each image's caption is drawn afresh at every use (utils.toy.language.caption_distribution).
+like SD; with --family sdxl it is SDXL-shaped (two text encoders, pooled embedding and time ids; utils.toy.models)
+and saved as a StableDiffusionXLPipeline, trained on the same data with the same recipe. Each image's caption is
+drawn afresh at every use (utils.toy.language.caption_distribution).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from utils.cli import UserError, setup_logging
 from utils.saving import atomic_write_text
 from utils.toy.judge import judge
 from utils.toy.language import COLOURS, SHAPES, caption_distribution, vocabulary
+from utils.toy.models import ToyModules, build, build_sd, conditioner, make_pipeline
 from utils.toy.render import RESOLUTION, make_dataset
 from utils.train.checkpoints import (check_same_run, find_checkpoint, flag_identity, load_state, restore_rng,
                                      rng_state, run_steps, save_state)
@@ -39,26 +42,9 @@ NEUTRAL_FLAGS = frozenset({"output_dir", "overwrite", "keep_checkpoints", "quiet
 
 
 def build_models(tokenizer, seed: int = 0):
-    """Fresh (untrained) text encoder, VAE and U-Net of the toy model, seeded."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length, projection_dim=64, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, norm_num_groups=8, sample_size=RESOLUTION)
-    unet = UNet2DConditionModel(
-        sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        # cross-attention (and self-attention) at the 8x8 level and in the mid block only: the 16x16 level's
-        # attention doubled the CPU cost of a training step without being needed for colour and shape
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8)
-    return text_encoder, vae, unet
+    """Fresh (untrained) text encoder, VAE and U-Net of the SD-shaped toy model, seeded (utils.toy.models.build_sd)."""
+    m = build_sd(tokenizer, seed)
+    return m.text_encoders["text_encoder"], m.vae, m.unet
 
 
 def make_tokenizer(folder: str | os.PathLike):
@@ -214,12 +200,13 @@ def caption_table(tokenizer, labels: list[tuple[str, str]]) -> tuple[torch.Tenso
     return ids, index[rows], probs[rows]
 
 
-def train_unet(text_encoder, unet, tokenizer, means: torch.Tensor, stds: torch.Tensor, labels: list[tuple[str, str]],
+def train_unet(m: ToyModules, tokenizer, means: torch.Tensor, stds: torch.Tensor, labels: list[tuple[str, str]],
                scaling_factor: float, args: argparse.Namespace, ckpt_dir: Path, log: logging.Logger) -> None:
-    """Train U-Net and text encoder together (epsilon or v-prediction), each image under a freshly drawn caption."""
+    """Train U-Net and text encoder(s) together (epsilon or v-prediction), each image under a freshly drawn caption."""
     scheduler = make_scheduler(args.prediction_type, args.zero_snr)
     ids, cap_index, cap_probs = caption_table(tokenizer, labels)
     T = scheduler.config.num_train_timesteps
+    condition = conditioner(m)
 
     def loss_fn(gen: torch.Generator):
         b = args.unet_batch_size
@@ -228,19 +215,19 @@ def train_unet(text_encoder, unet, tokenizer, means: torch.Tensor, stds: torch.T
         noise = torch.randn(lat.shape, generator=gen)
         t = torch.randint(0, T, (b,), generator=gen)
         pick = torch.multinomial(cap_probs[idx], 1, generator=gen).squeeze(1)
-        enc = text_encoder(ids[cap_index[idx, pick]])[0]
-        pred = unet(scheduler.add_noise(lat, noise, t), t, enc).sample
+        pred = m.unet(scheduler.add_noise(lat, noise, t), t, **condition(ids[cap_index[idx, pick]])).sample
         target = noise if args.prediction_type == "epsilon" else scheduler.get_velocity(lat, noise, t)
         return torch.nn.functional.mse_loss(pred, target), {}
 
-    _resumable_loop("unet", {"unet": unet, "text_encoder": text_encoder},
-                    list(unet.parameters()) + list(text_encoder.parameters()), args.unet_lr, 1e-2, args.unet_steps,
-                    args.seed + 2, loss_fn, args, ckpt_dir, log, args.unet_ema_decay)
+    modules = m.trained_with_unet()
+    _resumable_loop("unet", modules, [p for mod in modules.values() for p in mod.parameters()], args.unet_lr, 1e-2,
+                    args.unet_steps, args.seed + 2, loss_fn, args, ckpt_dir, log, args.unet_ema_decay)
 
 
 def train(args: argparse.Namespace) -> Path:
-    """Render the data set, train VAE then U-Net + text encoder, save the pipeline to args.output_dir."""
-    from utils.gen.pipelines import SAMPLING_DEFAULTS, StableDiffusionPipeline  # imported without transformers' notices
+    """Render the data set, train VAE then U-Net + text encoder(s), save the pipeline (args.family's shape) to
+    args.output_dir."""
+    from utils.gen.pipelines import SAMPLING_DEFAULTS  # imported without transformers' notices
 
     out = Path(args.output_dir)
     if (out / "model_index.json").is_file() and not args.overwrite:
@@ -258,9 +245,10 @@ def train(args: argparse.Namespace) -> Path:
     images, labels = make_dataset(args.n_images, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = make_tokenizer(tmp)
-    text_encoder, vae, unet = build_models(tokenizer, args.seed)
-    log.info("params: text_encoder %d, vae %d, unet %d", *(sum(p.numel() for p in m.parameters())
-                                                          for m in (text_encoder, vae, unet)))
+    m = build(args.family, tokenizer, args.seed)
+    vae = m.vae
+    log.info("params: %s", ", ".join(f"{k} {sum(p.numel() for p in mod.parameters())}" for k, mod in
+                                     [*m.text_encoders.items(), ("vae", vae), ("unet", m.unet)]))
     train_vae(vae, images, args, ckpt_dir, log)
     log.info("vae trained after %.1fs", time.time() - t0)
     means, stds = encode_moments(vae, images)
@@ -273,10 +261,8 @@ def train(args: argparse.Namespace) -> Path:
     vae_ok = np.mean([judge(r) == judge(o) for r, o in zip(rec_u8, images[:512])])
     log.info("latent std %.4f -> scaling_factor %.4f; judge agrees on %.1f%% of VAE reconstructions",
              float(z.std()), scaling_factor, 100 * vae_ok)
-    train_unet(text_encoder, unet, tokenizer, means, stds, labels, scaling_factor, args, ckpt_dir, log)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=make_scheduler(args.prediction_type, args.zero_snr), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    train_unet(m, tokenizer, means, stds, labels, scaling_factor, args, ckpt_dir, log)
+    pipe = make_pipeline(m, tokenizer, make_scheduler(args.prediction_type, args.zero_snr))
     pipe.save_pretrained(out, safe_serialization=True)
     atomic_write_text(out / SAMPLING_DEFAULTS, json.dumps(  # what generate.py samples this model with by default
         {"num_inference_steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE}, indent=1) + "\n")
