@@ -28,7 +28,7 @@ from utils.saving import atomic_write_text
 from utils.toy.judge import judge
 from utils.toy.language import COLOURS, SHAPES, caption_distribution, vocabulary
 from utils.toy.models import ToyModules, build, build_sd, conditioner, make_pipeline
-from utils.toy.render import RESOLUTION, make_dataset
+from utils.toy.render import make_dataset
 from utils.train.checkpoints import (check_same_run, find_checkpoint, flag_identity, load_state, restore_rng,
                                      rng_state, run_steps, save_state)
 from utils.train.views import ema_update, snapshot
