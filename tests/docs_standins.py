@@ -17,7 +17,7 @@ COCO = "image_id,source,prompt,evaluation_seed\n1,coco-30k,a photo of a cat,4133
 def erased_run(folder: Path, seed: int) -> None:
     """A training run's outputs for the tiny pipeline: unet/ and erasure.safetensors."""
     from utils.saving import save_erasure
-    from utils.tiny import tiny_unet
+    from utils.families.tiny import tiny_unet
 
     torch.manual_seed(seed)
     unet = tiny_unet()

@@ -28,10 +28,12 @@ def core_env() -> dict[str, str]:
 
 
 def script_flags(script: str, command: str, out: Path) -> list[str]:
-    """The flags that `script` passes to `command` (its line-continued block, up to "$@"), with $HERE and the output
-    folder filled in: the demo's own settings, to which a test appends smaller step counts."""
+    """The flags that `script` passes to `command` (its line-continued block, up to "$@"), with $MODEL, $HERE and the
+    output folder filled in: the demo's own settings, to which a test appends smaller step counts."""
     text = (ROOT / script).read_text().replace("\\\n", " ")
+    model = re.search(r'^MODEL="([^"]*)"', text, re.M)  # the model the script uses unless a flag names another
     line = next(l for l in text.splitlines() if l.strip().startswith("python") and command in l)
+    line = line.replace("$MODEL", model.group(1) if model else "$MODEL")
     words = shlex.split(line.replace("$HERE", str(ROOT)).replace("$OUTPUT_DIR", str(out)))
     words = words[next(i for i, w in enumerate(words) if w.endswith(command.split()[-1])) + 1:]
     return [w for w in words if w != "$@"]

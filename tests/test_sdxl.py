@@ -21,7 +21,7 @@ from utils.lora import export_lora
 from utils.train.loop import Run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-FAST = ["--num_train_steps", "3", "--num_ddim_steps", "4", "--device", "cpu", "--learning_rate", "1e-3"]
+FAST = ["--num_train_steps", "3", "--num_ddim_steps", "4", "--device", "cpu", "--learning_rate", "1e-3", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import train_sdd
 from utils.families import FAMILIES
 from utils.saving import save_erasure
 
-FAST = ["--num_train_steps", "3", "--num_ddim_steps", "4", "--device", "cpu"]
+# one torch thread: runs that are compared bit for bit must not differ in their thread counts
+FAST = ["--num_train_steps", "3", "--num_ddim_steps", "4", "--device", "cpu", "--threads", "1"]
 
 
 def sd_args(pipe, out, *extra):
