@@ -22,6 +22,7 @@ from utils.attack.inversion import (Inversion, add_placeholder_tokens, concept_t
                           load_targets, placeholder_tokens, prepare)
 from utils.cli import UserError
 from utils.families import FAMILIES
+from train_util import make_erasure
 from utils.saving import save_erasure
 from utils.families.tiny import tiny_unet
 
@@ -44,11 +45,7 @@ def attack_args(model: Path, out: Path, *flags: str) -> list[str]:
 def attacked(tiny_pipeline, tmp_path_factory) -> tuple[Path, dict]:
     """One whole attack on the tiny pipeline; the erased U-Net is an erasure file of perturbed cross-attention."""
     root = tmp_path_factory.mktemp("attack")
-    unet = StableDiffusionPipeline.from_pretrained(tiny_pipeline).unet
-    gen = torch.Generator().manual_seed(0)
-    erased = {n: p.detach() + 0.05 * torch.randn(p.shape, generator=gen) for n, p in unet.named_parameters()
-              if ".attn2." in n}
-    save_erasure(root / "erasure.safetensors", erased, {"base_model": str(tiny_pipeline), "method": "test"})
+    make_erasure(tiny_pipeline, root / "erasure.safetensors", seed=0, biases=True)  # all of attn2, plus noise
     out = root / "out"
     summary = main(parse_args(attack_args(tiny_pipeline, out, "--unet_path", str(root / "erasure.safetensors"))))
     return out, summary

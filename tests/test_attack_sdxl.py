@@ -21,7 +21,7 @@ from utils.attack.inversion import (add_placeholder_tokens, concept_token_ids, d
 from utils.cli import UserError
 from utils.families import FAMILIES
 from utils.families.tiny import build_tiny_sdxl_pipeline
-from utils.saving import save_erasure
+from train_util import make_erasure
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WIDTHS = (24, 32)  # text_encoder (CLIP-L's place) and text_encoder_2 (CLIP-G's): unequal, so clip_l / clip_g differ
@@ -47,11 +47,7 @@ def xl_attack_args(model: Path, out: Path, *flags: str) -> list[str]:
 def attacked(xl, tmp_path_factory) -> tuple[Path, dict]:
     """One whole attack on an erasure file of the tiny SDXL U-Net (perturbed cross-attention)."""
     root = tmp_path_factory.mktemp("attack-xl")
-    unet = StableDiffusionXLPipeline.from_pretrained(xl).unet
-    gen = torch.Generator().manual_seed(0)
-    erased = {n: p.detach() + 0.05 * torch.randn(p.shape, generator=gen) for n, p in unet.named_parameters()
-              if ".attn2." in n}
-    save_erasure(root / "erasure.safetensors", erased, {"base_model": str(xl), "method": "test"})
+    make_erasure(xl, root / "erasure.safetensors", seed=0, biases=True)  # all of attn2, plus noise
     out = root / "out"
     return out, main(parse_args(xl_attack_args(xl, out, "--unet_path", str(root / "erasure.safetensors"))))
 

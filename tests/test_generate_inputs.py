@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from cli_util import run_entry
 from gen_util import STEPS, assert_same_images, generate, metadata, pixels, pngs
 from generate import main, parse_args
 from utils.cli import UserError
@@ -154,14 +155,9 @@ def test_help_prints_only_the_help():
 
 def test_cli_error_is_one_line(tmp_path, monkeypatch, capsys):
     """Through generate.py's entry point (cli.run) in this process: test_help_prints_only_the_help starts a real one."""
-    from utils.cli import run
-
-    monkeypatch.setattr(sys, "argv", ["generate.py", "--prompt_path", str(tmp_path / "nope.csv"), "--image_dir",
-                                      str(tmp_path / "out")])
-    with pytest.raises(SystemExit) as stop:
-        run(main, parse_args)
-    stderr = capsys.readouterr().err
-    assert stop.value.code == 2
+    code, stderr = run_entry(monkeypatch, capsys, "generate.py", main, parse_args,
+                             ["--prompt_path", str(tmp_path / "nope.csv"), "--image_dir", str(tmp_path / "out")])
+    assert code == 2
     assert "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: prompt file {tmp_path / 'nope.csv'} does not exist"]

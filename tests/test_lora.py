@@ -21,6 +21,7 @@ import generate
 import train_esd
 from utils.cli import UserError
 from utils.lora import PREFIX, apply_loras, export_lora, low_rank, main as lora_main, parse_args as lora_args
+from cli_util import run_entry
 from train_util import make_erasure
 from utils.saving import apply_erasure, save_erasure
 from utils.families.tiny import tiny_unet
@@ -207,7 +208,6 @@ def test_export_bad_input_writes_nothing(tiny_pipeline, tmp_path, case, message)
 def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     """The first as a real `python -m utils.lora` process; the second through the same entry point (cli.run) here."""
     from utils import lora
-    from utils.cli import run
 
     for argv, message in [([str(tmp_path / "x.txt"), "--rank", "2"], "not a safetensors erasure file"),
                           ([str(tmp_path / "x.txt")], "give --rank")]:
@@ -217,10 +217,7 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
                                env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, timeout=300)
             code, stderr = r.returncode, r.stderr
         else:
-            monkeypatch.setattr(sys, "argv", ["python -m utils.lora", *argv])
-            with pytest.raises(SystemExit) as stop:
-                run(lora.main, lora.parse_args)
-            code, stderr = stop.value.code, capsys.readouterr().err
+            code, stderr = run_entry(monkeypatch, capsys, "python -m utils.lora", lora.main, lora.parse_args, argv)
         errors = [ln for ln in stderr.splitlines() if "error:" in ln]
         assert code == 2 and "Traceback" not in stderr and len(errors) == 1 and message in errors[0]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["x.txt"]

@@ -16,6 +16,7 @@ import torch
 
 import train_esd
 import train_sdd
+from cli_util import run_entry
 from train_util import FAST, esd_args, final_weights, sd_args
 from utils.cli import UserError, same_flag_value
 
@@ -164,12 +165,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, argv, monkeypatch, 
         r = run_script("train_esd.py", *argv)
         code, stderr = r.returncode, r.stderr
     else:
-        from utils.cli import run
-
-        monkeypatch.setattr(sys, "argv", ["train_esd.py", *argv])
-        with pytest.raises(SystemExit) as stop:
-            run(train_esd.main, train_esd.parse_args)
-        code, stderr = stop.value.code, capsys.readouterr().err
+        code, stderr = run_entry(monkeypatch, capsys, "train_esd.py", train_esd.main, train_esd.parse_args, argv)
     assert code != 0 and "Traceback" not in stderr
     assert len([ln for ln in stderr.splitlines() if "error" in ln]) == 1
     assert not (tmp_path / "o").exists()
