@@ -59,6 +59,7 @@ class Family:
     pipeline_classes: tuple[str, ...] = ()       # model_index.json _class_name values of this family
     SUBSETS: dict[str, Callable[[str], bool]] = {}  # --finetuning_method -> parameter-name predicate
     lora_prefix = "lora_unet_"                   # kohya-style LoRA keys of the denoiser's modules
+    TEXT_EXTRAS: tuple[str, ...] = ()            # Cond.extra entries that come from the text (zeroed with it)
 
     # ------------------------------------------------------------------------------------------------ loading
     def load(self, name: str, revision: str | None = None, variant: str | None = None):
@@ -106,6 +107,11 @@ class Family:
                             f"cross-attention takes {wanted}")
 
     # ------------------------------------------------------------------------------------------------ denoiser
+    def zeroed(self, cond: Cond) -> Cond:
+        """The condition with its text parts all zero (hidden states and TEXT_EXTRAS), other extras (sizes) kept."""
+        return Cond(torch.zeros_like(cond.hidden),
+                    {k: torch.zeros_like(v) if k in self.TEXT_EXTRAS else v for k, v in cond.extra.items()})
+
     def unet_kwargs(self, cond: Cond) -> dict:
         """The U-Net's keyword arguments for a condition."""
         return {"encoder_hidden_states": cond.hidden}

@@ -56,6 +56,7 @@ class SDXL(Family):
     parts_class = "SDXLParts"
     pipeline_classes = ("StableDiffusionXLPipeline",)
     SUBSETS = SD.SUBSETS  # the same diffusers module names (attn2 = cross-attention)
+    TEXT_EXTRAS = ("text_embeds",)  # the pooled embedding; time_ids are the image's size
     PIPELINES = _pipelines()
 
     def load(self, name: str, revision: str | None = None, variant: str | None = None) -> SDXLParts:

@@ -170,9 +170,7 @@ class Run:
         self.embeds = family.encode(parts, ["", joined(self.concepts), *self.concepts, *self.val_prompts,
                                             *self.preserve_prompts], device, size)
         if args.empty_prompt == "zeros":  # c_0 as SDXL's pipeline makes an empty negative prompt
-            self.embeds[""] = Cond(torch.zeros_like(self.embeds[""].hidden),
-                                   {k: torch.zeros_like(v) if k == "text_embeds" else v
-                                    for k, v in self.embeds[""].extra.items()})
+            self.embeds[""] = family.zeroed(self.embeds[""])
         family.free_text(parts)
         if self.val_prompts:
             parts.vae.encoder = None
