@@ -150,3 +150,17 @@ def test_evaluation_of_an_sdxl_folder_names_the_family(xl, tiny_pipeline, prompt
                                              "--output_dir", str(tmp_path / "report")]))
     assert list(res["table"]["model_family"]) == ["sdxl", "sd"]
     assert "| Method | Model |" in res["markdown"] and "| XL | sdxl |" in res["markdown"]
+
+
+def test_text_subset_also_trains_the_pooled_embedding_and_exports_as_a_lora(xl, prompts, tmp_path):
+    out = train_esd.main(xl_args(train_esd, xl, tmp_path / "o", "--finetuning_method", "text"))
+    changed = moved(xl, out)
+    assert any(k.startswith("add_embedding.") for k in changed) and any(".attn2." in k for k in changed)
+    assert all(".attn2." in k or k.startswith("add_embedding.") for k in changed)
+    common = ["--height", "32", "--width", "32"]
+    generate(xl, prompts, tmp_path / "unet", "--unet_path", str(out / "unet"), *common)
+    lora = export_lora(out / "erasure.safetensors", rank="full", save_precision="fp32")
+    generate(xl, prompts, tmp_path / "lora", "--lora_path", lora["path"], *common)
+    for name in pngs(tmp_path / "unet"):
+        diff = np.abs(pixels(tmp_path / "unet" / name).astype(int) - pixels(tmp_path / "lora" / name).astype(int))
+        assert (diff > 1).mean() < 0.005, name

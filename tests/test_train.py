@@ -261,3 +261,21 @@ def test_help_shows_each_default_once_and_none_for_required_flags(capsys):
     assert flag_help("--resolution").count("(default") == 1  # its help tells the default: not repeated
     assert "default" not in flag_help("--removing_concepts")  # required
     assert flag_help("--learning_rate").endswith("(default: 1e-05)")
+
+
+@pytest.mark.parametrize("script", ["sdd", "esd"])
+def test_optimizer_in_backward_gives_the_usual_step_and_refuses_what_needs_every_gradient(tiny_pipeline, tmp_path,
+                                                                                        script):
+    mod, make = (train_sdd, sd_args) if script == "sdd" else (train_esd, esd_args)
+    flags = ("--learning_rate", "1e-3", "--max_grad_norm", "0", "--lr_scheduler", "linear")
+    a = final_weights(mod.main(make(tiny_pipeline, tmp_path / "a", *flags)))
+    b = final_weights(mod.main(make(tiny_pipeline, tmp_path / "b", *flags, "--optimizer_in_backward")))
+    base = final_weights(tiny_pipeline)
+    assert any(not torch.equal(a[k], base[k]) for k in a)  # it trained, and every tensor took the same steps
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    for extra, match in [((), "--max_grad_norm 0"), (("--max_grad_norm", "0", "--gradient_accumulation_steps", "2"),
+                                                     "--gradient_accumulation_steps 1"),
+                         (("--max_grad_norm", "0", "--mixed_precision", "fp16"), "fp16")]:
+        with pytest.raises(UserError, match=match):
+            mod.main(make(tiny_pipeline, tmp_path / "c", "--optimizer_in_backward", *extra))
+        assert not (tmp_path / "c").exists()

@@ -207,3 +207,20 @@ def test_timestep_jitter_draws_from_t_to_t_plus_stride_inside_the_schedule():
         top = min(100, 1000 - ts)  # the top bucket [901, 1000) is cut at T - 1
         assert int(o.min()) == 0 and int(o.max()) == top - 1
         assert abs(float(o.float().mean()) - (top - 1) / 2) < 0.1 * top  # uniform, not piled on an end
+
+
+def test_step_in_backward_updates_each_tensor_once_and_holds_no_gradient():
+    from utils.train.optim import step_in_backward
+    torch.manual_seed(0)
+    a, x = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)), torch.randn(3, 4)
+    b = copy.deepcopy(a)
+    opt_a, opt_b = torch.optim.AdamW(a.parameters(), lr=0.1), torch.optim.AdamW(b.parameters(), lr=0.1)
+    step_in_backward(opt_b, b.parameters())
+    for _ in range(2):
+        a(x).square().sum().backward()
+        opt_a.step()
+        opt_a.zero_grad(set_to_none=True)
+        b(x).square().sum().backward()
+        assert all(p.grad is None for p in b.parameters())
+    assert all(torch.allclose(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(s["step"] == 2 for s in opt_b.state.values())

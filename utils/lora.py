@@ -59,9 +59,10 @@ def energy_arg(text: str) -> float:
     return value
 
 
-def lora_key(module: str, prefix: str = PREFIX) -> str:
-    """kohya-style key of a U-Net module: the family's prefix (lora_unet_) + its dotted path with '_'."""
-    return prefix + module.replace(".", "_")
+def lora_key(module: str, prefix: str = PREFIX, renames: dict[str, str] | None = None) -> str:
+    """kohya-style key of a U-Net module: the family's prefix (lora_unet_) + its dotted path with '_' (or the name
+    the family gives it there, Family.lora_renames)."""
+    return prefix + (renames or {}).get(module, module).replace(".", "_")
 
 
 # ----------------------------------------------------------------------------------------------------- export
@@ -85,7 +86,10 @@ def erasure_deltas(path: str | os.PathLike, base: str | None = None, revision: s
     if size > 0.5:
         print(f"warning: the erasure changes the weights by {100 * size:.0f}% of their norm; is {base} the model it "
               f"was trained from?")
-    meta["base_model"], meta["key_prefix"] = base, family_of(base).lora_prefix
+    family = family_of(base)
+    meta["base_model"], meta["key_prefix"] = base, family.lora_prefix
+    if family.lora_renames:
+        meta["key_renames"] = json.dumps(family.lora_renames)
     return deltas, unet, meta
 
 
@@ -153,12 +157,13 @@ def export_lora(erasure: str | os.PathLike, output: str | os.PathLike | None = N
         pairs[module], ranks[module] = (down.cpu(), up.cpu()), down.shape[0]
     if not pairs:
         raise UserError(f"{erasure} does not differ from {meta['base_model']}: every delta is zero")
-    alpha, prefix = max(ranks.values()), meta["key_prefix"]
+    alpha, prefix, renames = max(ranks.values()), meta["key_prefix"], json.loads(meta.get("key_renames", "{}"))
     tensors = {}
     for module, (down, up) in pairs.items():
-        tensors[lora_key(module, prefix) + ".lora_down.weight"] = down
-        tensors[lora_key(module, prefix) + ".lora_up.weight"] = up * (ranks[module] / alpha)
-        tensors[lora_key(module, prefix) + ".alpha"] = torch.tensor(float(alpha))
+        key = lora_key(module, prefix, renames)
+        tensors[key + ".lora_down.weight"] = down
+        tensors[key + ".lora_up.weight"] = up * (ranks[module] / alpha)
+        tensors[key + ".alpha"] = torch.tensor(float(alpha))
     energy_of = {m: float(d.double().pow(2).sum()) for m, d in deltas.items()}
     total = sum(energy_of.values())
     layer_total = {m: energy_of[m + ".weight"] for m in pairs}
@@ -179,7 +184,7 @@ def export_lora(erasure: str | os.PathLike, output: str | os.PathLike | None = N
 
 def lora_metadata(summary: dict, erasure_meta: dict[str, str], info: dict[str, str]) -> dict[str, str]:
     """The LoRA file's metadata: `info`, the erasure's base model/method/concepts, ranks and retained energy."""
-    copied = ("base_model", "key_prefix", "method", "finetuning_method", "concepts", "num_train_steps")
+    copied = ("base_model", "key_prefix", "key_renames", "method", "finetuning_method", "concepts", "num_train_steps")
     return {**info, **{k: erasure_meta[k] for k in copied if k in erasure_meta},
             "alpha": str(summary["alpha"]), "ranks": json.dumps(summary["ranks"]),
             "retained_energy": json.dumps({m: round(v, 6) for m, v in summary["retained"].items()}),
@@ -235,9 +240,10 @@ def check_lora_fits(path: str | os.PathLike, unet: torch.nn.Module) -> None:
     if meta.get("format") != LORA_FORMAT:
         return  # someone else's LoRA: diffusers checks it
     modules, prefix = dict(unet.named_modules()), meta.get("key_prefix", PREFIX)
+    renames = json.loads(meta.get("key_renames", "{}"))
     for module in json.loads(meta["ranks"]):
-        down = shapes[lora_key(module, prefix) + ".lora_down.weight"]
-        up = shapes[lora_key(module, prefix) + ".lora_up.weight"]
+        down = shapes[lora_key(module, prefix, renames) + ".lora_down.weight"]
+        up = shapes[lora_key(module, prefix, renames) + ".lora_up.weight"]
         want = (up[0], *down[1:])
         m = modules.get(module)
         have = tuple(m.weight.shape) if m is not None and hasattr(m, "weight") else None

@@ -21,6 +21,8 @@ View = Mapping[str, torch.Tensor]  # a weight view: name -> tensor for the train
 FINETUNING_METHODS = {
     "xattn": "cross-attention (SDD and ESD-x default)",
     "xattn-strict": "only cross-attention's text-facing projections (keys and values)",
+    "text": "every weight that reads the prompt: cross-attention, and on SDXL also the pooled-text embedding "
+            "(add_embedding; on SD the same as xattn)",
     "noxattn": "all but cross-attention, the time embedding and the output layer (ESD-u)",
     "selfattn": "self-attention",
     "notime": "all but the time embedding and the output layer",
@@ -59,6 +61,7 @@ class Family:
     pipeline_classes: tuple[str, ...] = ()       # model_index.json _class_name values of this family
     SUBSETS: dict[str, Callable[[str], bool]] = {}  # --finetuning_method -> parameter-name predicate
     lora_prefix = "lora_unet_"                   # kohya-style LoRA keys of the denoiser's modules
+    lora_renames: dict[str, str] = {}            # modules whose kohya key is not their diffusers path
     TEXT_EXTRAS: tuple[str, ...] = ()            # Cond.extra entries that come from the text (zeroed with it)
 
     # ------------------------------------------------------------------------------------------------ loading

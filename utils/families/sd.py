@@ -64,6 +64,7 @@ class SD(Family):
     SUBSETS = {
         "xattn": lambda n: ".attn2." in n,                                     # cross-attention (SDD and ESD-x)
         "xattn-strict": lambda n: ".attn2.to_k." in n or ".attn2.to_v." in n,  # only the text-facing projections
+        "text": lambda n: ".attn2." in n,                                      # all that reads the prompt
         "noxattn": lambda n: ".attn2." not in n and not _edge(n),              # ESD-u
         "selfattn": lambda n: ".attn1." in n,
         "notime": lambda n: not _edge(n),

@@ -55,7 +55,11 @@ class SDXL(Family):
     name = "sdxl"
     parts_class = "SDXLParts"
     pipeline_classes = ("StableDiffusionXLPipeline",)
-    SUBSETS = SD.SUBSETS  # the same diffusers module names (attn2 = cross-attention)
+    # the same diffusers module names (attn2 = cross-attention); the prompt is also read by add_embedding, the MLP over
+    # text_encoder_2's pooled embedding (and the time ids) whose output is added to the timestep embedding
+    SUBSETS = {**SD.SUBSETS, "text": lambda n: ".attn2." in n or n.startswith("add_embedding.")}
+    # kohya (and diffusers' reader of its files) name SDXL's add_embedding by the original sgm U-Net's label_emb
+    lora_renames = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
     TEXT_EXTRAS = ("text_embeds",)  # the pooled embedding; time_ids are the image's size
     PIPELINES = _pipelines()
 

@@ -28,7 +28,7 @@ log = logging.getLogger("sdd")
 # Flags that do not change what is learned (hardware, speed, where and how often things are written, validation);
 # every other flag defines the run, so a checkpoint only continues under the same values.
 NEUTRAL_FLAGS = frozenset({
-    "device", "threads", "gradient_checkpointing", "allow_tf32", "conv_autotune",
+    "device", "threads", "gradient_checkpointing", "optimizer_in_backward", "allow_tf32", "conv_autotune",
     "output_dir", "overwrite_output_dir", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
     "validation_prompts", "validation_steps", "num_validation_images", "validation_guidance_scale",
     "export_lora_rank",
@@ -62,6 +62,18 @@ def checkpoint_step(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def in_backward_problem(args: argparse.Namespace) -> str | None:
+    """Why --optimizer_in_backward cannot run with these flags (None: it can)."""
+    if args.max_grad_norm > 0:
+        return (f"--optimizer_in_backward needs --max_grad_norm 0 (got {args.max_grad_norm}): clipping to a global "
+                "norm needs every gradient at once")
+    if args.gradient_accumulation_steps > 1:
+        return "--optimizer_in_backward needs --gradient_accumulation_steps 1: accumulating needs every gradient kept"
+    if args.mixed_precision == "fp16":
+        return "--optimizer_in_backward does not run with --mixed_precision fp16 (loss scaling); use bf16 or no"
+    return None
+
+
 def check_run_args(args: argparse.Namespace, method) -> tuple[list[str], list[str], list[str], Path | None, dict]:
     """Concepts, validation prompts, preserve prompts, the checkpoint to resume and the run's identity; UserError
     before any write.
@@ -86,6 +98,8 @@ def check_run_args(args: argparse.Namespace, method) -> tuple[list[str], list[st
     if (args.checkpoints_total_limit or 0) < 0:
         raise UserError(f"--checkpoints_total_limit must be >= 0 (0 or unset: keep all), got "
                         f"{args.checkpoints_total_limit}")
+    if args.optimizer_in_backward and (problem := in_backward_problem(args)):
+        raise UserError(problem)
     preserve = read_preserve_prompts(args)
     method.check(args, concepts)
     resume = resolve_resume(args)

@@ -29,7 +29,7 @@ from utils.train.checkpoints import (StopOnSignal, TrainState, check_run_args, c
                                      load_checkpoint, save_checkpoint)
 from utils.train.concepts import concept_schedule, joined
 from utils.train.convtune import autotune_convolutions, choices
-from utils.train.optim import autocast_to, make_adamw
+from utils.train.optim import autocast_to, make_adamw, step_in_backward
 from utils.train.preserve import Preservation
 from utils.train.trajectory import TrajectoryQueue, validation_grid
 from utils.train.views import View, snapshot, swapped_in
@@ -190,6 +190,8 @@ class Run:
             unet.enable_gradient_checkpointing()
         unet.train()
         optimizer, lr_scheduler, scaler = make_adamw(subset.values(), args, device, dtype)
+        if args.optimizer_in_backward:
+            step_in_backward(optimizer, subset.values())
         setup = Setup(family, unet, subset, args, self.concepts)
         self.method = method(setup)
         self.preserve = None  # --preserve_prompts: a term the loop adds to the method's loss (utils/train/preserve.py)
@@ -254,13 +256,14 @@ class Run:
             loss, c_p, k, t = self.micro_step()
             st.scaler.scale(loss / args.gradient_accumulation_steps).backward()
             total += loss.item() / args.gradient_accumulation_steps
-        if args.max_grad_norm > 0:
-            st.scaler.unscale_(st.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.subset.values(), args.max_grad_norm)
-        st.scaler.step(st.optimizer)
-        st.scaler.update()
+        if not args.optimizer_in_backward:  # (with it, backward has already stepped each tensor)
+            if args.max_grad_norm > 0:
+                st.scaler.unscale_(st.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.subset.values(), args.max_grad_norm)
+            st.scaler.step(st.optimizer)
+            st.scaler.update()
+            st.optimizer.zero_grad(set_to_none=True)
         st.lr_scheduler.step()
-        st.optimizer.zero_grad(set_to_none=True)
         self.method.after_step()
         self.step += 1
         self.logger.info("step %d loss %.6g concept %r k %d t %d lr %.3g%s", self.step, total, c_p, k, int(t.min()),

@@ -32,6 +32,20 @@ def make_adamw(params, args: argparse.Namespace, device: torch.device, dtype: to
     return optimizer, lr_scheduler, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
+def step_in_backward(optimizer: torch.optim.Optimizer, params) -> None:
+    """Step `optimizer` on each of `params` as soon as backward has its gradient, then drop that gradient, so that the
+    subset's gradients are never all held at once (--optimizer_in_backward; PyTorch's "optimizer step in backward").
+
+    AdamW skips parameters without a gradient, so each call updates just the tensor whose gradient is ready; its state
+    is the one optimizer's, saved and resumed as usual."""
+    def hook(p: torch.Tensor) -> None:
+        optimizer.step()
+        p.grad = None
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(hook)
+
+
 def autocast_to(device: torch.device, dtype: torch.dtype):
     """Autocast to the frozen weights' dtype (off in fp32)."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
