@@ -137,3 +137,23 @@ def test_target_drift_on_the_esd_run_and_its_checkpoints(esd_run, tmp_path, one_
     with pytest.raises(UserError, match="outside 0..999"):
         target_drift.main(target_drift.parse_args(["--unet", units[0], *small, "--timesteps", "1000"]))
 
+
+
+def test_uncond_table_trains_measures_and_resumes(shipped_toy, tmp_path, one_thread):
+    """Each (row, seed) trains once and is measured once; a rerun keeps both; the empty mix's move is a distance."""
+    from experiments import uncond_table
+
+    def table(*seeds):
+        return uncond_table.main(uncond_table.parse_args([
+            "--model", str(shipped_toy), "--output_dir", str(tmp_path), "--rows", "SDD demo, target original",
+            "--seeds", *seeds, "--steps_scale", "0.005", "--n_per_prompt", "1", "--n_empty", "2", "--threads", "1"]))
+
+    rows = table("0")
+    unet = tmp_path / "sdd-demo-target-original" / "seed-0" / "unet" / "diffusion_pytorch_model.safetensors"
+    stamp = unet.stat().st_mtime_ns
+    assert (tmp_path / "table.md").is_file() and rows[0]["seeds"] == 1
+    saved = json.loads((tmp_path / "table.json").read_text())
+    assert saved["flags"]["SDD demo, target original"][1]["uncond_from"] == "original"
+    assert 0 <= saved["raw"]["SDD demo, target original"][0]["empty_moved"] <= 1
+    rows = table("0", "1")  # seed 0 is kept as it was, seed 1 is added
+    assert unet.stat().st_mtime_ns == stamp and rows[0]["seeds"] == 2 and "(" in rows[0]["shapes"]
