@@ -26,7 +26,7 @@ from utils.eval.common import write_json, write_png
 from utils.toy import measure as M
 from utils.toy.grids import before_after_grid, panel_grid, quality_grid
 from utils.toy.judge import judge
-from utils.toy.language import COLOURS
+from utils.toy.language import COLOURS, with_articles
 from utils.toy.render import make_dataset
 from utils.toy.train import DEFAULT_GUIDANCE, DEFAULT_STEPS, train
 from utils.toy.train_flags import add_train_parser, resolve_recipe
@@ -130,7 +130,7 @@ def main_quality(args: argparse.Namespace) -> dict:
     """`quality`: a model's explicit / paraphrase / implied colour rates, shape accuracy and the empty prompt's mix."""
     out = _png_output(args.output) if args.output else None
     pipe = M.load_pipeline(args.model, args.unet, args.device)
-    items = M.quality_items(args.n_per_prompt, args.seed, args.colours, empty=args.n_empty)
+    items = M.quality_items(args.n_per_prompt, args.seed, args.colours, empty=args.n_empty, an=M.uses_an(args.model))
     t0 = time.time()
     images = M.draw(pipe, items, desc="quality", **_sampling(args))
     res = M.quality(items, images)
@@ -162,7 +162,7 @@ def main_compare(args: argparse.Namespace) -> dict:
     """`compare`: the base model against the same pipeline with an erased U-Net, seed for seed."""
     out = _png_output(args.output)
     args.concepts = args.concepts or erased_colours(args.unet)
-    items = M.erasure_items(args.concepts, args.n_per_prompt, args.seed)
+    items = M.erasure_items(args.concepts, args.n_per_prompt, args.seed, an=M.uses_an(args.base))
     pipe = M.load_pipeline(args.base, None, args.device)
     erased = M.load_pipeline(args.base, args.unet, args.device)  # checked before the long part
     before = M.draw(pipe, items, desc="base model", **_sampling(args))
@@ -194,6 +194,8 @@ def main_panels(args: argparse.Namespace) -> Path:
         models.append((label if sep else path, path))
     pipes = [(title, M.load_pipeline(args.base, unet, args.device)) for title, unet in models]  # all checked first
     n = args.n_per_prompt
+    if M.uses_an(args.base):  # "an orange circle" on a model trained so (toy 3)
+        args.prompts = list(dict.fromkeys(with_articles(p) for p in args.prompts))
     prompts = [p for p in args.prompts for _ in range(n)]
     seeds = [M.image_seed(p, j, args.seed) for p in args.prompts for j in range(n)]
     panels = []
@@ -207,8 +209,9 @@ def main_panels(args: argparse.Namespace) -> Path:
 
 def main_prompts(args: argparse.Namespace) -> None:
     """`prompts`: the erasure (or quality) prompts with their seeds as a CSV for generate.py."""
-    items = M.erasure_items(args.concepts, args.n_per_prompt, args.seed) if args.concepts else \
-        M.quality_items(args.n_per_prompt, args.seed, empty=args.n_per_prompt)
+    an = bool(args.model) and M.uses_an(args.model)
+    items = M.erasure_items(args.concepts, args.n_per_prompt, args.seed, an) if args.concepts else \
+        M.quality_items(args.n_per_prompt, args.seed, empty=args.n_per_prompt, an=an)
     M.write_items(items, args.output)
     print(f"wrote {len(items)} rows to {args.output}")
 
@@ -270,6 +273,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n_per_prompt", type=int, default=8, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-image seeds")
     p.add_argument("--output", required=True, help="CSV file (prompt, evaluation_seed, group, asked_colour, asked_shape)")
+    p.add_argument("--model", default=None, help="the toy model the prompts are for: its grammar ('an orange circle' "
+                   "for toy 3, toy_language.json); default toy 2's")
     p.set_defaults(func=main_prompts)
 
     args = parser.parse_args(argv)
