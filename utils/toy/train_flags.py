@@ -16,11 +16,11 @@ RECIPES: dict[str, dict] = {
     "toy2": {"output_dir": "outputs/toy-sd", "text_encoder": "joint", "text_width": 64, "attention": "low",
              "prediction_type": "v_prediction", "zero_snr": True, "caption_dropout": 0.25, "articles": "a",
              "unet_steps": 4500},
-    # text width 256: measured against 64 in docs/toy_world.md ("Toy world 3"); 3,000 U-Net steps: what one
-    # thread of the 2-core machine trains in about 50 minutes with attention at both levels (0.9 s a step)
+    # text width 256: measured against 64 in docs/toy_world.md ("Toy world 3"); 4,000 U-Net steps (toy 2: 4,500):
+    # what one thread of the shared 2-core machine trains in about an hour with attention at both levels
     "toy3": {"output_dir": "outputs/toy3-sd", "text_encoder": "contrastive", "text_width": 256, "attention": "all",
              "prediction_type": "epsilon", "zero_snr": False, "caption_dropout": 0.10, "articles": "an",
-             "unet_steps": 3000},
+             "unet_steps": 4000},
 }
 
 
@@ -79,7 +79,7 @@ def add_train_parser(sub, func) -> None:
     p.add_argument("--clip_lr", type=float, default=1e-3, help="contrastive peak learning rate (AdamW, warm-up + cosine)")
     p.add_argument("--clip_dim", type=int, default=64, help="width of the shared image-text embedding")
     p.add_argument("--unet_steps", type=int, default=None, help="U-Net (+ text encoder) training steps (toy2 4500, "
-                   "toy3 3000)")
+                   "toy3 4000)")
     p.add_argument("--unet_batch_size", type=int, default=64, help="U-Net batch size")
     p.add_argument("--unet_lr", type=float, default=1e-3, help="U-Net + text encoder peak learning rate")
     p.add_argument("--unet_ema_decay", type=float, default=0.999,
