@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.toy.language import COLOURS, SHAPES, parse_prompt, prompt_sets
+from utils.toy.language import COLOURS, SHAPES, fill, parse_prompt, prompt_sets
 
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned scale at 100
@@ -128,7 +128,7 @@ def measure_text_encoder(text_encoder, heads: ClipHeads, tokenizer, x_all: torch
         truth = torch.tensor([list(COLOURS).index(c) * len(SHAPES) + SHAPES.index(s) for _, c, s in prompts])
         res["retrieval"][kind] = float(((emb @ protos.T).argmax(1) == truth).float().mean())
     for template in ("{c}", "a {c} circle"):
-        names = [template.format(c=c) for c in COLOURS]
+        names = [fill(template.format(c=c), an=an) for c in COLOURS]
         _, hidden = encode(["", *names])
         cos = F.cosine_similarity(hidden[1:2], hidden, dim=-1).tolist()
         key = template.format(c="red")
