@@ -154,3 +154,24 @@ def test_resume_refuses_a_changed_recipe_and_toy3_refuses_the_sdxl_family(tmp_pa
             parse_args(["train", *bad])
     assert parse_args(["train", "--recipe", "toy3"]).output_dir == "outputs/toy3-sd"
     assert parse_args(["train"]).output_dir == "outputs/toy-sd"
+
+
+def test_shipped_toy3_is_sd1s_recipe_and_draws_an_orange_circle(one_thread):
+    """assets/toy3-sd: trained with --recipe toy3 (its log's flags), epsilon on SD's schedule, measured on 'an'."""
+    import ast
+    import json
+
+    from utils.toy.cli import parse_args
+
+    shipped = ROOT / "assets" / "toy3-sd"
+    logged = ast.literal_eval((shipped / "train_toy.log").read_text().splitlines()[0].split("train: ", 1)[1])
+    assert logged["recipe"] == "toy3" and logged["vae_from"] == "assets/toy-sd"
+    defaults = vars(parse_args(["train", "--recipe", "toy3", "--vae_from", "assets/toy-sd"]))
+    ignored = {"output_dir", "keep_checkpoints", "quiet", "threads", "checkpoint_every", "overwrite"}
+    assert {k: v for k, v in logged.items() if k not in ignored} == {k: defaults[k] for k in logged if k not in ignored}
+    assert json.loads((shipped / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
+    assert M.uses_an(shipped)
+    items = [it for it in M.quality_items(n=1, seed=101, colours=["orange", "green"], an=True) if it.shape == "circle"]
+    assert "an orange circle" in {it.prompt for it in items}
+    res = M.quality(items, M.draw(M.load_pipeline(shipped), items))
+    assert res["rate"]["explicit"]["orange"] >= 0.8 and res["shape_acc"]["all"] >= 0.8, res["rate"]
