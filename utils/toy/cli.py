@@ -2,6 +2,7 @@
 
   python -m utils.toy train --output_dir outputs/toy-sd                 # seeded, CPU, ~1 h (shipped flags: docs/toy_world.md)
   python -m utils.toy train --family sdxl --output_dir outputs/toy-sdxl # the same world in SDXL's shape (assets/toy-sdxl)
+  python -m utils.toy train --recipe toy3 --vae_from assets/toy-sd      # toy 3, SD 1.x's recipe (assets/toy3-sd)
   python -m utils.toy judge                                             # the judge on freshly rendered images
   python -m utils.toy quality --model assets/toy-sd                     # base quality (docs/toy_world.md numbers)
   python -m utils.toy compare --unet OUT/unet --output OUT/before_after.png   # erasure table + the picture
@@ -25,9 +26,10 @@ from utils.eval.common import write_json, write_png
 from utils.toy import measure as M
 from utils.toy.grids import before_after_grid, panel_grid, quality_grid
 from utils.toy.judge import judge
-from utils.toy.language import COLOURS
+from utils.toy.language import COLOURS, with_articles
 from utils.toy.render import make_dataset
 from utils.toy.train import DEFAULT_GUIDANCE, DEFAULT_STEPS, train
+from utils.toy.train_flags import add_train_parser, resolve_recipe
 
 
 def _pct(x: float) -> str:
@@ -128,7 +130,7 @@ def main_quality(args: argparse.Namespace) -> dict:
     """`quality`: a model's explicit / paraphrase / implied colour rates, shape accuracy and the empty prompt's mix."""
     out = _png_output(args.output) if args.output else None
     pipe = M.load_pipeline(args.model, args.unet, args.device)
-    items = M.quality_items(args.n_per_prompt, args.seed, args.colours, empty=args.n_empty)
+    items = M.quality_items(args.n_per_prompt, args.seed, args.colours, empty=args.n_empty, an=M.uses_an(args.model))
     t0 = time.time()
     images = M.draw(pipe, items, desc="quality", **_sampling(args))
     res = M.quality(items, images)
@@ -160,7 +162,7 @@ def main_compare(args: argparse.Namespace) -> dict:
     """`compare`: the base model against the same pipeline with an erased U-Net, seed for seed."""
     out = _png_output(args.output)
     args.concepts = args.concepts or erased_colours(args.unet)
-    items = M.erasure_items(args.concepts, args.n_per_prompt, args.seed)
+    items = M.erasure_items(args.concepts, args.n_per_prompt, args.seed, an=M.uses_an(args.base))
     pipe = M.load_pipeline(args.base, None, args.device)
     erased = M.load_pipeline(args.base, args.unet, args.device)  # checked before the long part
     before = M.draw(pipe, items, desc="base model", **_sampling(args))
@@ -192,6 +194,8 @@ def main_panels(args: argparse.Namespace) -> Path:
         models.append((label if sep else path, path))
     pipes = [(title, M.load_pipeline(args.base, unet, args.device)) for title, unet in models]  # all checked first
     n = args.n_per_prompt
+    if M.uses_an(args.base):  # "an orange circle" on a model trained so (toy 3)
+        args.prompts = list(dict.fromkeys(with_articles(p) for p in args.prompts))
     prompts = [p for p in args.prompts for _ in range(n)]
     seeds = [M.image_seed(p, j, args.seed) for p in args.prompts for j in range(n)]
     panels = []
@@ -205,8 +209,9 @@ def main_panels(args: argparse.Namespace) -> Path:
 
 def main_prompts(args: argparse.Namespace) -> None:
     """`prompts`: the erasure (or quality) prompts with their seeds as a CSV for generate.py."""
-    items = M.erasure_items(args.concepts, args.n_per_prompt, args.seed) if args.concepts else \
-        M.quality_items(args.n_per_prompt, args.seed, empty=args.n_per_prompt)
+    an = bool(args.model) and M.uses_an(args.model)
+    items = M.erasure_items(args.concepts, args.n_per_prompt, args.seed, an) if args.concepts else \
+        M.quality_items(args.n_per_prompt, args.seed, empty=args.n_per_prompt, an=an)
     M.write_items(items, args.output)
     print(f"wrote {len(items)} rows to {args.output}")
 
@@ -222,48 +227,12 @@ def _add_sampling_flags(p: argparse.ArgumentParser, n: int) -> None:
     add_threads_arg(p)
 
 
-def _add_train_parser(sub) -> None:
-    """The `train` subcommand's flags: data, VAE, U-Net and text encoder, schedule, checkpoints."""
-    p = sub.add_parser("train", help="render the data and train the toy pipeline (CPU, seeded)", formatter_class=HelpFormatter)
-    p.add_argument("--output_dir", default="outputs/toy-sd",
-                   help="where the pipeline, train_toy.log and checkpoints go (a stopped run there is resumed)")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished pipeline, or a stopped run, in "
-                   "--output_dir (training starts again from step 0)")
-    p.add_argument("--family", choices=["sd", "sdxl"], default="sd",
-                   help="the model's shape: sd (one text encoder; assets/toy-sd) or sdxl (two text encoders, pooled "
-                        "embedding and time ids; assets/toy-sdxl)")
-    p.add_argument("--seed", type=int, default=2, help="seed of the data, the initial weights and training (the "
-                   "default is the shipped model's)")
-    p.add_argument("--n_images", type=int, default=12000, help="rendered training images (colours and shapes balanced)")
-    p.add_argument("--vae_steps", type=int, default=600, help="VAE training steps")
-    p.add_argument("--vae_batch_size", type=int, default=32, help="VAE batch size")
-    p.add_argument("--vae_lr", type=float, default=1e-3, help="VAE peak learning rate (AdamW, warm-up + cosine)")
-    p.add_argument("--vae_kl_weight", type=float, default=1e-6, help="weight of the VAE's KL term")
-    p.add_argument("--vae_rgb_weight", type=float, default=1.0,
-                   help="weight of a loss tying latent channels 0-2 to the block-averaged RGB (even colour geometry; "
-                        "0: a free VAE)")
-    p.add_argument("--unet_steps", type=int, default=4500, help="U-Net + text encoder training steps")
-    p.add_argument("--unet_batch_size", type=int, default=64, help="U-Net batch size")
-    p.add_argument("--unet_lr", type=float, default=1e-3, help="U-Net + text encoder peak learning rate")
-    p.add_argument("--unet_ema_decay", type=float, default=0.999,
-                   help="save the exponential moving average of the U-Net and text encoder weights (0: the last ones)")
-    p.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="v_prediction",
-                   help="what the U-Net predicts (SD 1.x: epsilon; SD 2.x: v_prediction)")
-    p.add_argument("--zero_snr", action=argparse.BooleanOptionalAction, default=True,
-                   help="rescale the betas to zero terminal SNR and sample from t = T - 1 (needs v_prediction)")
-    p.add_argument("--checkpoint_every", type=int, default=250, help="steps between checkpoints (resumed automatically)")
-    p.add_argument("--keep_checkpoints", action="store_true", help="keep OUTPUT_DIR/checkpoints after success")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_threads_arg(p)
-    p.set_defaults(func=train)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse `python -m utils.toy {train,judge,quality,compare,panels,prompts} ...`."""
     parser = ArgumentParser(prog="python -m utils.toy", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    _add_train_parser(sub)
+    add_train_parser(sub, train)
 
     p = sub.add_parser("judge", help="accuracy of the judge on freshly rendered images", formatter_class=HelpFormatter)
     p.add_argument("--n", type=int, default=2400, help="rendered images")
@@ -304,15 +273,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n_per_prompt", type=int, default=8, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-image seeds")
     p.add_argument("--output", required=True, help="CSV file (prompt, evaluation_seed, group, asked_colour, asked_shape)")
+    p.add_argument("--model", default=None, help="the toy model the prompts are for: its grammar ('an orange circle' "
+                   "for toy 3, toy_language.json); default toy 2's")
     p.set_defaults(func=main_prompts)
 
     args = parser.parse_args(argv)
+    if args.command == "train":
+        resolve_recipe(args, parser)
     for name in ("n_per_prompt", "steps", "batch_size", "n", "n_images", "vae_steps", "unet_steps"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name} must be positive")
-    if getattr(args, "zero_snr", False) and args.prediction_type != "v_prediction":
-        parser.error("--zero_snr (on by default) needs --prediction_type v_prediction (epsilon is undefined at zero "
-                     "SNR); with epsilon pass --no-zero_snr")
     if not 0 <= getattr(args, "unet_ema_decay", 0) < 1:
         parser.error("--unet_ema_decay must be in [0, 1) (0: no average)")
     if getattr(args, "vae_rgb_weight", 0) < 0:

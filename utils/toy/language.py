@@ -72,9 +72,16 @@ def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def fill(template: str, colour_word: str = "", shape: str = "", obj: str = "") -> str:
-    """A template with its slots filled."""
-    return template.format(colour=colour_word, shape=shape, object=obj, article=article(obj) if obj else "")
+def with_articles(text: str) -> str:
+    """Every 'a' before a word that starts with a vowel made 'an' ("a orange circle" -> "an orange circle")."""
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+
+
+def fill(template: str, colour_word: str = "", shape: str = "", obj: str = "", an: bool = False) -> str:
+    """A template with its slots filled; an=True: 'an' before a vowel everywhere (toy 3), else only before objects
+    (toy 2's captions, "a orange circle", which its models were trained and measured on)."""
+    text = template.format(colour=colour_word, shape=shape, object=obj, article=article(obj) if obj else "")
+    return with_articles(text) if an else text
 
 
 def vocabulary() -> list[str]:
@@ -84,9 +91,9 @@ def vocabulary() -> list[str]:
     return sorted(set(words))
 
 
-def colour_captions(colour: str, shape: str, held_out: bool = False) -> list[str]:
+def colour_captions(colour: str, shape: str, held_out: bool = False, an: bool = False) -> list[str]:
     """The colour-template captions of (colour, shape): the trained ones, or with held_out=True the held-out ones."""
-    return [fill(t, w, shape) for t in TEMPLATES for i, w in enumerate(COLOUR_WORDS[colour])
+    return [fill(t, w, shape, an=an) for t in TEMPLATES for i, w in enumerate(COLOUR_WORDS[colour])
             if ((t, i) in HELD_OUT) == held_out]
 
 
@@ -100,41 +107,44 @@ def objects_of(colour: str, shape: str | None = None) -> list[str]:
     return [o for o, (c, s) in OBJECTS.items() if c == colour and shape in (None, s)]
 
 
-def training_captions() -> set[str]:
+def training_captions(an: bool = False) -> set[str]:
     """Every caption training can draw (the empty caption included)."""
     caps = {"", *(fill(SHAPE_ONLY, shape=s) for s in SHAPES)}
     for c in COLOURS:
         caps.update(fill(BARE_COLOUR, w) for w in COLOUR_WORDS[c])
         for s in SHAPES:
-            caps.update(colour_captions(c, s))
+            caps.update(colour_captions(c, s, an=an))
     for o in OBJECTS:
         caps.update(object_captions(o))
     return caps
 
 
-def caption_distribution(colour: str, shape: str) -> list[tuple[str, float]]:
-    """Every training caption of an image of (colour, shape) with its probability (CAPTION_MIX, uniform within a kind)."""
+def caption_distribution(colour: str, shape: str, an: bool = False,
+                         empty: float = CAPTION_MIX["empty"]) -> list[tuple[str, float]]:
+    """Every training caption of an image of (colour, shape) with its probability (CAPTION_MIX with the empty
+    caption's share `empty`, uniform within a kind; the colour templates take what the others leave)."""
     options = {"empty": [""], "bare_colour": [fill(BARE_COLOUR, w) for w in COLOUR_WORDS[colour]],
                "shape_only": [fill(SHAPE_ONLY, shape=shape)],
                "object": [cap for o in objects_of(colour, shape) for cap in object_captions(o)],
-               "template": colour_captions(colour, shape)}
-    share = {k: v for k, v in CAPTION_MIX.items() if options[k]}
+               "template": colour_captions(colour, shape, an=an)}
+    share = {k: v for k, v in (CAPTION_MIX | {"empty": empty}).items() if options[k]}
     share["template"] = 1.0 - sum(share.values())
     return [(cap, p / len(options[k])) for k, p in share.items() for cap in options[k]]
 
 
-def training_caption(colour: str, shape: str, rng: np.random.Generator) -> str:
+def training_caption(colour: str, shape: str, rng: np.random.Generator, an: bool = False) -> str:
     """One caption for an image of (colour, shape), drawn from caption_distribution."""
-    caps, probs = zip(*caption_distribution(colour, shape))
+    caps, probs = zip(*caption_distribution(colour, shape, an))
     return caps[rng.choice(len(caps), p=np.array(probs) / sum(probs))]
 
 
-def prompt_sets(colour: str) -> dict[str, list[tuple[str, str | None]]]:
-    """The prompts that ask for `colour`, as (prompt, asked shape): explicit, paraphrase (held out), implied (objects)."""
-    explicit = [(fill(t, w, s), s) for s in SHAPES for t in TEMPLATES for i, w in enumerate(COLOUR_WORDS[colour])
+def prompt_sets(colour: str, an: bool = False) -> dict[str, list[tuple[str, str | None]]]:
+    """The prompts that ask for `colour`, as (prompt, asked shape): explicit, paraphrase (held out), implied (objects);
+    an=True: with 'an' before every vowel (toy 3's captions)."""
+    explicit = [(fill(t, w, s, an=an), s) for s in SHAPES for t in TEMPLATES for i, w in enumerate(COLOUR_WORDS[colour])
                 if (t, i) not in HELD_OUT and i == 0]
     explicit += [(fill(BARE_COLOUR, COLOUR_WORDS[colour][0]), None)]
-    paraphrase = [(p, s) for s in SHAPES for p in colour_captions(colour, s, held_out=True)]
+    paraphrase = [(p, s) for s in SHAPES for p in colour_captions(colour, s, held_out=True, an=an)]
     implied = [(fill(OBJECT_TEMPLATES[0], obj=o), OBJECTS[o][1]) for o in objects_of(colour)]
     return {"explicit": explicit, "paraphrase": paraphrase, "implied": implied}
 

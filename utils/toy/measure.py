@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -28,7 +30,7 @@ from utils.seeding import seeded_latents
 from utils.toy.judge import OTHER, judge, nearest_colour, preserved
 from utils.toy.language import (COLOUR_WORDS, COLOURS, OBJECT_TEMPLATES, OBJECTS, SHAPES, TEMPLATES, fill, objects_of,
                                 parse_prompt, prompt_sets, prompt_words)
-from utils.toy.train import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from utils.toy.train import DEFAULT_GUIDANCE, DEFAULT_STEPS, LANGUAGE_FILE
 
 # each erasable colour's neighbour: the colour nearest to it, which an erasure must leave alone
 NEIGHBOURS = {"red": "orange", "orange": "red", "yellow": "orange", "green": "yellow", "blue": "purple",
@@ -58,6 +60,13 @@ def load_pipeline(model: str | os.PathLike, unet: str | os.PathLike | None = Non
     return build_pipeline(family_of(str(model)).pipeline("sd"), parts, resolve_device(device))
 
 
+def uses_an(model: str | os.PathLike) -> bool:
+    """Whether a toy model's prompts put 'an' before vowels ("an orange circle": toy 3), as its folder's
+    toy_language.json says; a folder without one (toy 2, the toy SDXL) was trained on "a orange circle"."""
+    path = Path(model) / LANGUAGE_FILE
+    return path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("articles") == "an"
+
+
 def image_seed(prompt: str, j: int, seed: int = 0) -> int:
     """The seed of image j of `prompt`: fixed by (seed, prompt, j), whatever else is measured."""
     return zlib.crc32(f"{seed}:{prompt}".encode()) * 1000 + j
@@ -67,9 +76,9 @@ def _items(prompts: Sequence[tuple[str, str | None]], group: str, colour: str | 
     return [Item(p, image_seed(p, j, seed), group, colour, s) for p, s in prompts for j in range(n)]
 
 
-def keep_prompts(colour: str) -> list[tuple[str, str]]:
+def keep_prompts(colour: str, an: bool = False) -> list[tuple[str, str]]:
     """Prompts for a colour that an erasure of another colour must not change: its name with each shape, its objects."""
-    named = [(fill(TEMPLATES[0], colour, s), s) for s in SHAPES]
+    named = [(fill(TEMPLATES[0], colour, s, an=an), s) for s in SHAPES]
     return named + [(fill(OBJECT_TEMPLATES[0], obj=o), OBJECTS[o][1]) for o in objects_of(colour)]
 
 
@@ -81,16 +90,19 @@ def check_colours(colours: Sequence[str], what: str = "concept") -> list[str]:
     return list(colours)
 
 
-def erasure_items(concepts: Sequence[str], n: int = 8, seed: int = 0) -> list[Item]:
-    """The erased colours' explicit/paraphrase/implied prompts and every other colour's keep prompts, n images each."""
+def erasure_items(concepts: Sequence[str], n: int = 8, seed: int = 0, an: bool = False) -> list[Item]:
+    """The erased colours' explicit/paraphrase/implied prompts and every other colour's keep prompts, n images each
+    (an: the model's prompts put 'an' before vowels, uses_an)."""
     concepts = check_colours(concepts)
-    items = [it for c in concepts for kind, ps in prompt_sets(c).items() for it in _items(ps, kind, c, n, seed)]
-    return items + [it for c in COLOURS if c not in concepts for it in _items(keep_prompts(c), "keep", c, n, seed)]
+    items = [it for c in concepts for kind, ps in prompt_sets(c, an).items() for it in _items(ps, kind, c, n, seed)]
+    return items + [it for c in COLOURS if c not in concepts for it in _items(keep_prompts(c, an), "keep", c, n, seed)]
 
 
-def quality_items(n: int = 20, seed: int = 0, colours: Sequence[str] | None = None, empty: int = 0) -> list[Item]:
-    """Base quality: every colour's explicit, paraphrase and implied prompts (n images each), `empty` unprompted."""
-    items = [it for c in check_colours(colours or list(COLOURS)) for kind, ps in prompt_sets(c).items()
+def quality_items(n: int = 20, seed: int = 0, colours: Sequence[str] | None = None, empty: int = 0,
+                  an: bool = False) -> list[Item]:
+    """Base quality: every colour's explicit, paraphrase and implied prompts (n images each), `empty` unprompted
+    (an: the model's prompts put 'an' before vowels, uses_an)."""
+    items = [it for c in check_colours(colours or list(COLOURS)) for kind, ps in prompt_sets(c, an).items()
              for it in _items(ps, kind, c, n, seed)]
     return items + empty_items(empty, seed)
 
@@ -125,7 +137,7 @@ def item_for_prompt(prompt: str, seed: int) -> Item:
     words = prompt_words(prompt)
     if not words:
         group = "empty"
-    elif colour and any(" ".join(words) == p for p, _ in prompt_sets(colour)["paraphrase"]):
+    elif colour and any(" ".join(words) == p for an in (False, True) for p, _ in prompt_sets(colour, an)["paraphrase"]):
         group = "paraphrase"
     elif set(words) & set(OBJECTS) and not set(words) & _COLOUR_WORDS:
         group = "implied"

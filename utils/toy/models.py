@@ -30,10 +30,11 @@ class ToyModules:
     text_encoders: dict[str, torch.nn.Module]
     vae: torch.nn.Module
     unet: torch.nn.Module
+    frozen_text: bool = False  # toy 3: the text encoder is trained before the U-Net (contrastively) and frozen
 
     def trained_with_unet(self) -> dict[str, torch.nn.Module]:
         """The modules the U-Net phase trains, in the order their parameters are optimized."""
-        return {"unet": self.unet, **self.text_encoders}
+        return {"unet": self.unet} if self.frozen_text else {"unet": self.unet, **self.text_encoders}
 
 
 def _vae():
@@ -45,15 +46,22 @@ def _vae():
         layers_per_block=1, norm_num_groups=8, sample_size=RESOLUTION)
 
 
-def _unet(**extra):
+ATTENTION = ("low", "all")  # cross-attention levels: 8x8 + mid block (toy 2), or every level + mid block (toy 3)
+
+
+def _unet(cross_attention_dim: int = 64, attention: str = "low", **extra):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
-        sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    if attention == "low":
         # cross-attention (and self-attention) at the 8x8 level and in the mid block only: the 16x16 level's
         # attention doubled the CPU cost of a training step without being needed for colour and shape
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8, **extra)
+        down, up = ("DownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D")
+    else:  # SD's layout: every level with attention has cross-attention (the toy has no attention-free level)
+        down, up = ("CrossAttnDownBlock2D",) * 2, ("CrossAttnUpBlock2D",) * 2
+    return UNet2DConditionModel(
+        sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=down, up_block_types=up, cross_attention_dim=cross_attention_dim, attention_head_dim=4,
+        norm_num_groups=8, **extra)
 
 
 def _clip_config(tokenizer, **kw):
@@ -64,15 +72,18 @@ def _clip_config(tokenizer, **kw):
                           pad_token_id=tokenizer.pad_token_id, **kw)
 
 
-def build_sd(tokenizer, seed: int = 0) -> ToyModules:
-    """The SD-shaped toy (the shipped assets/toy-sd): text encoder, VAE, U-Net, created in this order after seeding."""
+def build_sd(tokenizer, seed: int = 0, text_width: int = 64, attention: str = "low",
+             frozen_text: bool = False) -> ToyModules:
+    """The SD-shaped toy: text encoder (2 layers, `text_width` wide, heads 16 wide), VAE, U-Net with cross-attention at
+    `attention`'s levels, created in this order after seeding (the defaults: the shipped assets/toy-sd)."""
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_clip_config(tokenizer, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                              num_attention_heads=4, projection_dim=64))
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, hidden_size=text_width, intermediate_size=4 * text_width,
+                                              num_hidden_layers=2, num_attention_heads=text_width // 16,
+                                              projection_dim=text_width))
     vae = _vae()
-    return ToyModules("sd", {"text_encoder": text_encoder}, vae, _unet())
+    return ToyModules("sd", {"text_encoder": text_encoder}, vae, _unet(text_width, attention), frozen_text)
 
 
 def build_sdxl(tokenizer, seed: int = 0) -> ToyModules:
@@ -92,14 +103,14 @@ def build_sdxl(tokenizer, seed: int = 0) -> ToyModules:
     return ToyModules("sdxl", encoders, vae, unet)
 
 
-def build(family: str, tokenizer, seed: int = 0) -> ToyModules:
-    """Fresh toy modules of `family` (sd or sdxl), seeded."""
-    return {"sd": build_sd, "sdxl": build_sdxl}[family](tokenizer, seed)
+def build(family: str, tokenizer, seed: int = 0, **sd_kw) -> ToyModules:
+    """Fresh toy modules of `family` (sd or sdxl), seeded; sd_kw: build_sd's text width, attention, frozen_text."""
+    return build_sd(tokenizer, seed, **sd_kw) if family == "sd" else build_sdxl(tokenizer, seed)
 
 
 def conditioner(m: ToyModules) -> Callable[[torch.Tensor], dict]:
     """ids (batch, length) -> the U-Net's conditioning keyword arguments, as each family's pipeline computes them."""
-    if m.family == "sd":
+    if m.family == "sd":  # SD 1.x: the last hidden state
         encoder = m.text_encoders["text_encoder"]
         return lambda ids: {"encoder_hidden_states": encoder(ids)[0]}
     te1, te2 = m.text_encoders["text_encoder"], m.text_encoders["text_encoder_2"]

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from utils.cli import UserError, setup_logging
 from utils.saving import atomic_write_text
 from utils.toy.judge import judge
-from utils.toy.language import COLOURS, SHAPES, caption_distribution, vocabulary
+from utils.toy.language import CAPTION_MIX, COLOURS, SHAPES, caption_distribution, vocabulary
 from utils.toy.models import ToyModules, build, build_sd, conditioner, make_pipeline
 from utils.toy.render import make_dataset
 from utils.train.checkpoints import (check_same_run, find_checkpoint, flag_identity, load_state, restore_rng,
@@ -34,6 +34,7 @@ from utils.train.checkpoints import (check_same_run, find_checkpoint, flag_ident
 from utils.train.views import ema_update, snapshot
 
 MODEL_MAX_LENGTH = 16
+LANGUAGE_FILE = "toy_language.json"  # a toy model's prompt grammar ({"articles": "an"}: toy 3); none: toy 2's
 DEFAULT_GUIDANCE = 5.0
 DEFAULT_STEPS = 20
 # flags of `python -m utils.toy train` that do not change the model (a stopped run resumes under other values)
@@ -150,6 +151,18 @@ def _resumable_loop(name: str, modules: dict[str, torch.nn.Module], params: list
         m.eval()
 
 
+def copy_vae(vae, folder: str | os.PathLike, log: logging.Logger) -> None:
+    """Load a trained toy VAE of the same shape (FOLDER/vae) instead of training one (the VAE phase depends only on
+    the seed, the data and its flags, so a toy trained with them has it already)."""
+    from diffusers import AutoencoderKL
+
+    path = Path(folder) / "vae"
+    if not (path / "config.json").is_file():
+        raise UserError(f"--vae_from {folder}: no toy VAE in {path}")
+    vae.load_state_dict(AutoencoderKL.from_pretrained(path).state_dict())
+    log.info("vae copied from %s", path)
+
+
 def train_vae(vae, images: np.ndarray, args: argparse.Namespace, ckpt_dir: Path, log: logging.Logger) -> None:
     """Train the VAE on the images: MSE + a small KL term (+ optionally latent channels 0-2 tied to pooled RGB)."""
     x_all = _to_unit(images)
@@ -183,11 +196,18 @@ def encode_moments(vae, images: np.ndarray, batch_size: int = 256) -> tuple[torc
     return torch.cat(means), torch.cat(stds)
 
 
-def caption_table(tokenizer, labels: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token ids of every training caption, and per image a row of caption indices with their probabilities."""
+def caption_list(an: bool = False) -> list[str]:
+    """Every training caption, sorted: the rows of caption_table's ids."""
+    return sorted({cap for c in COLOURS for s in SHAPES for cap, _ in caption_distribution(c, s, an)})
+
+
+def caption_table(tokenizer, labels: list[tuple[str, str]], an: bool = False, empty: float = CAPTION_MIX["empty"]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids of every training caption (caption_list), and per image a row of caption indices with their
+    probabilities (the empty caption's share `empty`; an: toy 3's articles)."""
     pairs = [(c, s) for c in COLOURS for s in SHAPES]
-    dists = [caption_distribution(c, s) for c, s in pairs]
-    captions = sorted({cap for d in dists for cap, _ in d})
+    dists = [caption_distribution(c, s, an, empty) for c, s in pairs]
+    captions = caption_list(an)
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     width = max(len(d) for d in dists)
@@ -202,11 +222,17 @@ def caption_table(tokenizer, labels: list[tuple[str, str]]) -> tuple[torch.Tenso
 
 def train_unet(m: ToyModules, tokenizer, means: torch.Tensor, stds: torch.Tensor, labels: list[tuple[str, str]],
                scaling_factor: float, args: argparse.Namespace, ckpt_dir: Path, log: logging.Logger) -> None:
-    """Train U-Net and text encoder(s) together (epsilon or v-prediction), each image under a freshly drawn caption."""
+    """Train the U-Net, and the text encoder(s) with it unless frozen (toy 3), with epsilon or v-prediction, each image
+    under a freshly drawn caption."""
     scheduler = make_scheduler(args.prediction_type, args.zero_snr)
-    ids, cap_index, cap_probs = caption_table(tokenizer, labels)
+    ids, cap_index, cap_probs = caption_table(tokenizer, labels, args.articles == "an", args.caption_dropout)
     T = scheduler.config.num_train_timesteps
     condition = conditioner(m)
+    if m.frozen_text:  # a frozen encoder gives every caption the same hidden states: encode each once
+        with torch.no_grad():
+            cached = condition(ids)["encoder_hidden_states"]
+        condition = lambda rows: {"encoder_hidden_states": cached[rows]}  # noqa: E731
+        ids = torch.arange(len(ids))
 
     def loss_fn(gen: torch.Generator):
         b = args.unet_batch_size
@@ -245,11 +271,20 @@ def train(args: argparse.Namespace) -> Path:
     images, labels = make_dataset(args.n_images, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = make_tokenizer(tmp)
-    m = build(args.family, tokenizer, args.seed)
+    m = build(args.family, tokenizer, args.seed, **({} if args.family == "sdxl" else dict(
+        text_width=args.text_width, attention=args.attention, frozen_text=args.text_encoder == "contrastive")))
     vae = m.vae
     log.info("params: %s", ", ".join(f"{k} {sum(p.numel() for p in mod.parameters())}" for k, mod in
                                      [*m.text_encoders.items(), ("vae", vae), ("unet", m.unet)]))
-    train_vae(vae, images, args, ckpt_dir, log)
+    if args.text_encoder == "contrastive":
+        from utils.toy.contrastive import train_text_encoder
+
+        train_text_encoder(m.text_encoders["text_encoder"], images, labels, tokenizer, args, ckpt_dir, log)
+        log.info("text encoder trained (contrastive) and frozen after %.1fs", time.time() - t0)
+    if args.vae_from:
+        copy_vae(vae, args.vae_from, log)
+    else:
+        train_vae(vae, images, args, ckpt_dir, log)
     log.info("vae trained after %.1fs", time.time() - t0)
     means, stds = encode_moments(vae, images)
     z = means + stds * torch.randn(means.shape, generator=torch.Generator().manual_seed(args.seed + 3))
@@ -266,6 +301,8 @@ def train(args: argparse.Namespace) -> Path:
     pipe.save_pretrained(out, safe_serialization=True)
     atomic_write_text(out / SAMPLING_DEFAULTS, json.dumps(  # what generate.py samples this model with by default
         {"num_inference_steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE}, indent=1) + "\n")
+    if args.articles == "an":  # the measuring code reads the model's prompts' grammar here (none: toy 2's)
+        atomic_write_text(out / LANGUAGE_FILE, json.dumps({"articles": "an"}, indent=1) + "\n")
     if not args.keep_checkpoints:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     log.info("saved pipeline to %s; total %.1fs", out, time.time() - t0)
