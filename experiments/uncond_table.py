@@ -101,7 +101,8 @@ def measure_row(args: argparse.Namespace, unet: Path, seed: int) -> dict:
     path = unet.parent / f"measure-n{args.n_per_prompt}-e{args.n_empty}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    items = M.erasure_items([CONCEPT], n=args.n_per_prompt, seed=seed) + M.empty_items(args.n_empty, seed=seed)
+    items = (M.erasure_items([CONCEPT], n=args.n_per_prompt, seed=seed, an=M.uses_an(args.model))
+             + M.empty_items(args.n_empty, seed=seed))
     before = base_images(args, items, seed)
     after = M.draw(M.load_pipeline(args.model, unet), items, desc=f"{unet.parent.parent.name}, seed {seed}")
     res = M.erasure(items, before, after, [CONCEPT])
