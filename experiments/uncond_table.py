@@ -4,8 +4,9 @@ One table per toy model: SDD with the paper's recipe scaled to the toy and with 
 `--uncond_from` choices (which weights compute the target e(z_t, "")), ESD-x-1 beside them, and the preservation term
 on the demo recipes. Each row trains with the real trainer once per --seeds value (its --seed), and is measured
 against the base model on the same images (utils.toy.measure.erasure with that seed): red explicit / paraphrase /
-implied, orange and the other four colours kept, shapes, and how far the empty prompt's colour mix moved (total
-variation distance from the base model's, over --n_empty images; 0 = the same mix, 1 = no colour in common).
+implied, orange and the other four colours kept (same colour, shape and place as before), the other four drawn in
+their colour at all, shapes, and how far the empty prompt's colour mix moved (total variation distance from the base
+model's, over --n_empty images; 0 = the same mix, 1 = no colour in common).
 Finished trainings and measurements are kept, so a rerun resumes and adds rows or seeds. Writes OUT/table.md and
 OUT/table.json.
 
@@ -115,6 +116,13 @@ def measure_row(args: argparse.Namespace, unet: Path, seed: int) -> dict:
     return res
 
 
+def others_drawn(res: dict) -> float:
+    """Mean over the kept colours but the neighbour of the share of their prompts drawn in their own colour (kept
+    counts only an image with the same colour, shape and place as before; this counts the colour alone)."""
+    neighbour = M.NEIGHBOURS[CONCEPT]
+    return float(np.mean([res["drawn_after"][c].get(c, 0.0) for c in res["preserved"] if c != neighbour]))
+
+
 def summary(name: str, results: Sequence[dict]) -> dict:
     """A row's numbers (%), the mean over its seeds with the range when there are several."""
     def stat(values: Sequence[float], scale: float = 100.0) -> str:
@@ -126,6 +134,7 @@ def summary(name: str, results: Sequence[dict]) -> dict:
             **{f"{CONCEPT} {k}": stat([a[k][CONCEPT] for a in after]) for k in M.KINDS},
             "orange kept": stat([r["preserved_neighbours"] for r in results]),
             "other four kept": stat([r["preserved_others"] for r in results]),
+            "other four drawn": stat([others_drawn(r) for r in results]),
             "shapes": stat([r["shape_acc_after"] for r in results]),
             "empty mix moved": stat([r["empty_moved"] for r in results]),
             "training s": stat([r["training_s"] or float("nan") for r in results], 1.0)}

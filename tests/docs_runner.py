@@ -62,6 +62,7 @@ TINY: dict[str, list[str]] = {
     "experiments.empty_mix": ["--n", "2", "--steps", "2", "--ddpm_steps", "2"],
     "experiments.target_drift": ["--num_images", "1", "--num_inference_steps", "2", "--timesteps", "500"],
     "experiments.toy3_text_width": ["--clip_steps", "2", "--clip_batch_size", "8", "--n_images", "36"],
+    "experiments.uncond_table": ["--rows", "ESD-x-1", "--steps_scale", "0.005", "--n_per_prompt", "1", "--n_empty", "2"],
     "run_sdd_toy.sh": [],  # its python processes get theirs through the shim
     "run_esd_toy.sh": [],
     "run_sdd_nudity.sh": [],
