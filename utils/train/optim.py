@@ -36,10 +36,17 @@ def step_in_backward(optimizer: torch.optim.Optimizer, params) -> None:
     """Step `optimizer` on each of `params` as soon as backward has its gradient, then drop that gradient, so that the
     subset's gradients are never all held at once (--optimizer_in_backward; PyTorch's "optimizer step in backward").
 
-    AdamW skips parameters without a gradient, so each call updates just the tensor whose gradient is ready; its state
-    is the one optimizer's, saved and resumed as usual."""
+    Each call steps the one optimizer with its parameter group narrowed to the tensor whose gradient is ready (so a
+    step costs the same whatever the subset's size); the state stays the one optimizer's, saved and resumed as usual."""
+    group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
+
     def hook(p: torch.Tensor) -> None:
-        optimizer.step()
+        group = group_of[p]
+        params, group["params"] = group["params"], [p]
+        try:
+            optimizer.step()
+        finally:
+            group["params"] = params
         p.grad = None
 
     for p in params:
