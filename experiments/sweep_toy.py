@@ -101,12 +101,15 @@ def format_rows(rows: list[dict]) -> str:
     """Markdown: one row per (combination, step)."""
     concepts = rows[0]["res"]["concepts"] if rows else []
     head = ["run", "step"] + [f"{c} {k} %" for c in concepts for k in M.KINDS] + \
-        ["neighbour kept %", "others kept %", "shape %", "meets targets"]
+        ["neighbour kept %", "others kept %", "neighbour drawn %", "others drawn %", "shape %", "meets targets"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         res = r["res"]
         cells = [r["run"], str(r["step"])] + [f"{100 * res['after'][k][c]:.1f}" for c in concepts for k in M.KINDS]
+        near = [c for c in res["preserved"] if c in {M.NEIGHBOURS[x] for x in concepts}]
+        far = [c for c in res["preserved"] if c not in near]
         cells += [f"{100 * res['preserved_neighbours']:.1f}", f"{100 * res['preserved_others']:.1f}",
+                  f"{100 * M.drawn_own(res, near):.1f}", f"{100 * M.drawn_own(res, far):.1f}",
                   f"{100 * res['shape_acc_after']:.1f}", "**yes**" if meets(res) else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -147,7 +150,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     pipe = M.load_pipeline(args.model)
     base_state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    items = M.erasure_items(concepts, args.n_per_prompt, args.seed)
+    items = M.erasure_items(concepts, args.n_per_prompt, args.seed, an=M.uses_an(args.model))
     before = M.draw(pipe, items, desc="base model", num_inference_steps=args.steps)
     rows = []
     for combo in combinations(parse_grid(args.grid)):

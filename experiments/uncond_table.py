@@ -119,8 +119,7 @@ def measure_row(args: argparse.Namespace, unet: Path, seed: int) -> dict:
 def others_drawn(res: dict) -> float:
     """Mean over the kept colours but the neighbour of the share of their prompts drawn in their own colour (kept
     counts only an image with the same colour, shape and place as before; this counts the colour alone)."""
-    neighbour = M.NEIGHBOURS[CONCEPT]
-    return float(np.mean([res["drawn_after"][c].get(c, 0.0) for c in res["preserved"] if c != neighbour]))
+    return M.drawn_own(res, [c for c in res["preserved"] if c != M.NEIGHBOURS[CONCEPT]])
 
 
 def summary(name: str, results: Sequence[dict]) -> dict:

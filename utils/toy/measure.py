@@ -239,6 +239,12 @@ def erasure(items: Sequence[Item], before: Sequence[Image.Image], after: Sequenc
     return res
 
 
+def drawn_own(res: dict, colours: Sequence[str]) -> float:
+    """Mean over `colours` of the share of their prompts judged in their own colour at all (an erasure result's
+    drawn_after; `preserved` also asks for the same shape and place as before)."""
+    return _rate([res["drawn_after"][c].get(c, 0.0) for c in colours])
+
+
 def drawn(items: Sequence[Item], verdicts: Sequence[tuple[str | None, str | None]]) -> dict[str, dict[str, float]]:
     """Per asked colour, the share of its images judged as each colour (other = off-palette, none = no shape)."""
     out = {}
