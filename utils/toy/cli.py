@@ -3,6 +3,7 @@
   python -m utils.toy train --output_dir outputs/toy-sd                 # seeded, CPU, ~1 h (shipped flags: docs/toy_world.md)
   python -m utils.toy train --family sdxl --output_dir outputs/toy-sdxl # the same world in SDXL's shape (assets/toy-sdxl)
   python -m utils.toy train --recipe toy3 --vae_from assets/toy-sd      # toy 3, SD 1.x's recipe (assets/toy3-sd)
+  python -m utils.toy train --family sdxl --recipe toy3 --vae_from assets/toy-sd  # toy 3 as SDXL was built
   python -m utils.toy judge                                             # the judge on freshly rendered images
   python -m utils.toy quality --model assets/toy-sd                     # base quality (docs/toy_world.md numbers)
   python -m utils.toy compare --unet OUT/unet --output OUT/before_after.png   # erasure table + the picture

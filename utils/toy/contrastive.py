@@ -1,4 +1,5 @@
-"""Toy 3's text encoder, learned first and alone as CLIP's was: contrastively against a small image encoder.
+"""Toy 3's text encoder, learned first and alone as CLIP's was: contrastively against a small image encoder (the SDXL
+toy: each of its two encoders in a phase of its own, as SDXL's are two separately trained CLIP models).
 
 The image encoder reads the 32x32 RGB images (pixels, as CLIP's image tower does; this also makes the phase
 independent of the VAE). Both towers end in a linear projection to a shared space; the loss is CLIP's symmetric
@@ -7,7 +8,10 @@ the U-Net phase's caption distribution (synonyms, bare colours, shapes alone and
 which matches every image. Many captions in a batch agree with several of its images ("red" fits every red image, two
 images may share colour and shape), so the targets are soft: every image a caption is compatible with (by the colour
 and shape it names) is a positive, weighted equally. The projections and the image encoder are thrown away after the
-phase; the U-Net reads the text encoder's last hidden state, as SD 1.x reads CLIP's.
+phase; the U-Net reads the text encoder's last hidden state, as SD 1.x reads CLIP's (the SDXL toy: each encoder's
+penultimate one). An encoder with its own text_projection (a CLIP text model with projection: the SDXL toy's
+text_encoder_2) is trained through it instead of a throw-away one and keeps it: its projected pooled embedding is
+what SDXL's U-Net reads, as OpenCLIP bigG's contrastive projection is.
 """
 from __future__ import annotations
 
@@ -44,12 +48,12 @@ class ImageEncoder(torch.nn.Module):
 
 class ClipHeads(torch.nn.Module):
     """What the contrastive phase trains besides the text encoder: the image encoder, the text projection (CLIP's
-    text_projection on the pooled end-of-text state) and the temperature."""
+    text_projection on the pooled end-of-text state; None: the encoder's own) and the temperature."""
 
-    def __init__(self, text_width: int, dim: int):
+    def __init__(self, text_width: int, dim: int, own_projection: bool = True):
         super().__init__()
         self.image = ImageEncoder(dim)
-        self.text_projection = torch.nn.Linear(text_width, dim, bias=False)
+        self.text_projection = torch.nn.Linear(text_width, dim, bias=False) if own_projection else None
         self.logit_scale = torch.nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
 
 
@@ -79,9 +83,14 @@ def info_nce(text_emb: torch.Tensor, image_emb: torch.Tensor, logit_scale: torch
     return (t2i + i2t) / 2
 
 
+def project(out, heads: ClipHeads) -> torch.Tensor:
+    """A text encoder's output -> the projected pooled (end-of-text) state (the heads' projection, or the encoder's)."""
+    return out.text_embeds if heads.text_projection is None else heads.text_projection(out.pooler_output)
+
+
 def text_embeddings(text_encoder, heads: ClipHeads, ids: torch.Tensor) -> torch.Tensor:
     """The projected pooled (end-of-text) state of each caption."""
-    return heads.text_projection(text_encoder(ids).pooler_output)
+    return project(text_encoder(ids), heads)
 
 
 def contrastive_loss_fn(text_encoder, heads: ClipHeads, x_all: torch.Tensor, image_labels: torch.Tensor,
@@ -106,10 +115,11 @@ def contrastive_loss_fn(text_encoder, heads: ClipHeads, x_all: torch.Tensor, ima
 
 @torch.no_grad()
 def measure_text_encoder(text_encoder, heads: ClipHeads, tokenizer, x_all: torch.Tensor, image_labels: torch.Tensor,
-                         an: bool = True) -> dict:
+                         an: bool = True, hidden_layer: int | None = None) -> dict:
     """Retrieval of (colour, shape) from captions against the 18 classes' mean image embeddings (explicit, held-out
-    paraphrase and object prompts), and the cosine similarities of the last hidden states (what the U-Net reads,
-    flattened over the 16 positions) of "red" and of "a red circle" to "" and to the other colours' same prompts."""
+    paraphrase and object prompts), and the cosine similarities of the hidden states the U-Net reads (None: the last;
+    the SDXL toy's: -2), flattened over the 16 positions, of "red" and of "a red circle" to "" and to the other
+    colours' same prompts."""
     text_encoder.eval(), heads.eval()
     img = F.normalize(torch.cat([heads.image(x_all[i:i + 512]) for i in range(0, len(x_all), 512)]), dim=-1)
     cls = image_labels[:, 0] * len(SHAPES) + image_labels[:, 1]
@@ -118,8 +128,9 @@ def measure_text_encoder(text_encoder, heads: ClipHeads, tokenizer, x_all: torch
     def encode(prompts: list[str]):
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
-        out = text_encoder(ids)
-        return F.normalize(heads.text_projection(out.pooler_output), dim=-1), out.last_hidden_state.flatten(1)
+        out = text_encoder(ids, output_hidden_states=hidden_layer is not None)
+        hidden = out.last_hidden_state if hidden_layer is None else out.hidden_states[hidden_layer]
+        return F.normalize(project(out, heads), dim=-1), hidden.flatten(1)
 
     res: dict = {"retrieval": {}}
     for kind in ("explicit", "paraphrase", "implied"):
@@ -137,13 +148,19 @@ def measure_text_encoder(text_encoder, heads: ClipHeads, tokenizer, x_all: torch
 
 
 def train_text_encoder(text_encoder, images: np.ndarray, labels: list[tuple[str, str]], tokenizer,
-                       args: argparse.Namespace, ckpt_dir: Path, log: logging.Logger) -> dict:
-    """The contrastive phase: trains `text_encoder` (with a throw-away image encoder and projections), logs and returns
-    measure_text_encoder's numbers; the encoder leaves frozen (eval, requires_grad False)."""
+                       args: argparse.Namespace, ckpt_dir: Path, log: logging.Logger, name: str = "text_encoder",
+                       seed_offset: int = 0, hidden_layer: int | None = None) -> dict:
+    """The contrastive phase `name` (its checkpoints' folder): trains `text_encoder` (with a throw-away image encoder,
+    temperature and, unless it has its own, text projection; seeds args.seed + 4 + seed_offset and + 5 + seed_offset),
+    logs and returns measure_text_encoder's numbers; the encoder leaves frozen (eval, requires_grad False)."""
     from utils.toy.train import _resumable_loop, _to_unit, caption_list, caption_table
 
-    torch.manual_seed(args.seed + 4)  # the heads' initial weights (the text encoder's come from build)
-    heads = ClipHeads(text_encoder.config.hidden_size, args.clip_dim)
+    projects = hasattr(text_encoder, "text_projection")  # the SDXL toy's text_encoder_2: trained through its own
+    if projects and text_encoder.config.projection_dim != args.clip_dim:
+        raise ValueError(f"{name}'s projection is {text_encoder.config.projection_dim} wide, not --clip_dim "
+                         f"{args.clip_dim}")
+    torch.manual_seed(args.seed + 4 + seed_offset)  # the heads' initial weights (the text encoder's come from build)
+    heads = ClipHeads(text_encoder.config.hidden_size, args.clip_dim, own_projection=not projects)
     ids, cap_index, cap_probs = caption_table(tokenizer, labels, an=args.articles == "an", empty=0.0)
     # the pooled state sits at the first end-of-text token and the encoder is causal, so the padding after the longest
     # caption's end changes nothing the loss sees: cut it (a third of the positions, a third of the cost)
@@ -153,10 +170,10 @@ def train_text_encoder(text_encoder, images: np.ndarray, labels: list[tuple[str,
     image_labels = torch.tensor([[list(COLOURS).index(c), SHAPES.index(s)] for c, s in labels])
     loss_fn = contrastive_loss_fn(text_encoder, heads, x_all, image_labels, ids, cap_index, cap_probs,
                                   caption_labels(captions), args.clip_batch_size)
-    modules = {"text_encoder": text_encoder, "clip_heads": heads}
-    _resumable_loop("text_encoder", modules, [p for m in modules.values() for p in m.parameters()], args.clip_lr,
-                    0.1, args.clip_steps, args.seed + 5, loss_fn, args, ckpt_dir, log)  # CLIP's weight decay 0.1
-    res = measure_text_encoder(text_encoder, heads, tokenizer, x_all, image_labels, an=args.articles == "an")
-    log.info("text encoder (width %d): %s", text_encoder.config.hidden_size, res)
+    modules = {name: text_encoder, "clip_heads": heads}
+    _resumable_loop(name, modules, [p for m in modules.values() for p in m.parameters()], args.clip_lr, 0.1,
+                    args.clip_steps, args.seed + 5 + seed_offset, loss_fn, args, ckpt_dir, log)  # CLIP's decay 0.1
+    res = measure_text_encoder(text_encoder, heads, tokenizer, x_all, image_labels, args.articles == "an", hidden_layer)
+    log.info("%s (width %d): %s", name.replace("_", " "), text_encoder.config.hidden_size, res)
     text_encoder.requires_grad_(False)
     return res

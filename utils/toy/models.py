@@ -1,11 +1,12 @@
 """The toy model in each family's shape: fresh (untrained) modules, how a batch of captions conditions the U-Net, and
 the pipeline the trained modules are saved as. The data, VAE and training recipe are shared (utils.toy.train).
 
-- sd: one CLIP text encoder (width 64, last hidden state) -> cross-attention; a StableDiffusionPipeline.
-- sdxl: two CLIP text encoders (width 32 each; CLIPTextModel + CLIPTextModelWithProjection, both on the toy tokenizer)
-  whose penultimate hidden states are concatenated (32 + 32 = 64, the sd toy's width) for cross-attention, the second
-  one's projected pooled embedding (32) and the 6 time ids (h, w, 0, 0, h, w) as the U-Net's added conditioning
-  (addition_embed_type "text_time"); a StableDiffusionXLPipeline.
+- sd: one CLIP text encoder (toy 2 64 wide, toy 3 256; last hidden state) -> cross-attention; a StableDiffusionPipeline.
+- sdxl: two CLIP text encoders (CLIPTextModel + CLIPTextModelWithProjection, both on the toy tokenizer, each half the
+  text width: 32 + 32 = 64 for toy 2, 128 + 128 = 256 for toy 3) whose penultimate hidden states are concatenated for
+  cross-attention, the second one's projected pooled embedding (toy 2: 32; toy 3: its contrastive projection,
+  --clip_dim wide) and the 6 time ids (h, w, 0, 0, h, w) as the U-Net's added conditioning (addition_embed_type
+  "text_time"); a StableDiffusionXLPipeline.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import torch
 from utils.toy.render import RESOLUTION
 
 FAMILIES = ("sd", "sdxl")
-# SDXL toy: each encoder's width, its layers (the penultimate hidden state of 3 layers has passed 2, as the sd toy's
-# last of 2), the pooled projection's width and the width of each time id's sinusoidal embedding
+# SDXL toy: each encoder's width (toy 2's; build_sdxl's text_width / 2), its layers (the penultimate hidden state of
+# 3 layers has passed 2, as the sd toy's last of 2), the pooled projection's width (toy 2's; toy 3's is --clip_dim)
+# and the width of each time id's sinusoidal embedding
 XL_WIDTH, XL_LAYERS, XL_POOLED, XL_TIME_DIM = 32, 3, 32, 8
 
 
@@ -86,26 +88,28 @@ def build_sd(tokenizer, seed: int = 0, text_width: int = 64, attention: str = "l
     return ToyModules("sd", {"text_encoder": text_encoder}, vae, _unet(text_width, attention), frozen_text)
 
 
-def build_sdxl(tokenizer, seed: int = 0) -> ToyModules:
-    """The SDXL-shaped toy: two 32-wide encoders (the second with a 32-wide projection), the same VAE, and the same
-    U-Net with SDXL's added conditioning (pooled embedding + 6 time ids) and linear attention projections."""
+def build_sdxl(tokenizer, seed: int = 0, text_width: int = 2 * XL_WIDTH, attention: str = "low",
+               frozen_text: bool = False, pooled: int = XL_POOLED) -> ToyModules:
+    """The SDXL-shaped toy: two encoders `text_width / 2` wide (the second with a `pooled`-wide projection), the same
+    VAE, and the same U-Net with SDXL's added conditioning (pooled embedding + 6 time ids) and linear attention
+    projections, created in this order after seeding (the defaults: the shipped assets/toy-sdxl)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    # head width 16 as the sd toy's (64 / 4)
-    config = _clip_config(tokenizer, hidden_size=XL_WIDTH, intermediate_size=4 * XL_WIDTH, num_hidden_layers=XL_LAYERS,
-                          num_attention_heads=XL_WIDTH // 16, projection_dim=XL_POOLED)
+    width = text_width // 2  # heads 16 wide, as the sd toy's (64 / 4)
+    config = _clip_config(tokenizer, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=XL_LAYERS,
+                          num_attention_heads=width // 16, projection_dim=pooled)
     encoders = {"text_encoder": CLIPTextModel(config), "text_encoder_2": CLIPTextModelWithProjection(config)}
     vae = _vae()
-    unet = _unet(use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=XL_TIME_DIM,
-                 projection_class_embeddings_input_dim=6 * XL_TIME_DIM + XL_POOLED)
-    assert unet.config.cross_attention_dim == 2 * XL_WIDTH
-    return ToyModules("sdxl", encoders, vae, unet)
+    unet = _unet(2 * width, attention, use_linear_projection=True, addition_embed_type="text_time",
+                 addition_time_embed_dim=XL_TIME_DIM, projection_class_embeddings_input_dim=6 * XL_TIME_DIM + pooled)
+    return ToyModules("sdxl", encoders, vae, unet, frozen_text)
 
 
-def build(family: str, tokenizer, seed: int = 0, **sd_kw) -> ToyModules:
-    """Fresh toy modules of `family` (sd or sdxl), seeded; sd_kw: build_sd's text width, attention, frozen_text."""
-    return build_sd(tokenizer, seed, **sd_kw) if family == "sd" else build_sdxl(tokenizer, seed)
+def build(family: str, tokenizer, seed: int = 0, **kw) -> ToyModules:
+    """Fresh toy modules of `family` (sd or sdxl), seeded; kw: the builder's text width, attention, frozen_text (and
+    build_sdxl's pooled width)."""
+    return (build_sd if family == "sd" else build_sdxl)(tokenizer, seed, **kw)
 
 
 def conditioner(m: ToyModules) -> Callable[[torch.Tensor], dict]:

@@ -1,9 +1,10 @@
-"""Training the toy model on the CPU, seeded and resumable: a VAE, then the U-Net and text encoder(s) together.
+"""Training the toy model on the CPU, seeded and resumable: a VAE, then the U-Net and text encoder(s) together (toy 3:
+each text encoder first, alone and contrastively, then frozen; utils.toy.contrastive).
 
 The pipeline is Stable-Diffusion-shaped (CLIP tokenizer + text encoder, AutoencoderKL 32x32 -> 4x16x16,
 cross-attention UNet2DConditionModel, DDIM with SD's betas) and saved with save_pretrained, so every script loads it
 like SD; with --family sdxl it is SDXL-shaped (two text encoders, pooled embedding and time ids; utils.toy.models)
-and saved as a StableDiffusionXLPipeline, trained on the same data with the same recipe. Each image's caption is
+and saved as a StableDiffusionXLPipeline, trained on the same data with either recipe. Each image's caption is
 drawn afresh at every use (utils.toy.language.caption_distribution).
 """
 from __future__ import annotations
@@ -220,6 +221,11 @@ def caption_table(tokenizer, labels: list[tuple[str, str]], an: bool = False, em
     return ids, index[rows], probs[rows]
 
 
+def _rows(cond: dict, rows: torch.Tensor) -> dict:
+    """The U-Net's conditioning keyword arguments (nested dicts of tensors) for the captions `rows` of `cond`'s."""
+    return {k: _rows(v, rows) if isinstance(v, dict) else v[rows] for k, v in cond.items()}
+
+
 def train_unet(m: ToyModules, tokenizer, means: torch.Tensor, stds: torch.Tensor, labels: list[tuple[str, str]],
                scaling_factor: float, args: argparse.Namespace, ckpt_dir: Path, log: logging.Logger) -> None:
     """Train the U-Net, and the text encoder(s) with it unless frozen (toy 3), with epsilon or v-prediction, each image
@@ -228,10 +234,10 @@ def train_unet(m: ToyModules, tokenizer, means: torch.Tensor, stds: torch.Tensor
     ids, cap_index, cap_probs = caption_table(tokenizer, labels, args.articles == "an", args.caption_dropout)
     T = scheduler.config.num_train_timesteps
     condition = conditioner(m)
-    if m.frozen_text:  # a frozen encoder gives every caption the same hidden states: encode each once
+    if m.frozen_text:  # a frozen encoder gives every caption the same conditioning: encode each once
         with torch.no_grad():
-            cached = condition(ids)["encoder_hidden_states"]
-        condition = lambda rows: {"encoder_hidden_states": cached[rows]}  # noqa: E731
+            cached = condition(ids)
+        condition = lambda rows: _rows(cached, rows)  # noqa: E731
         ids = torch.arange(len(ids))
 
     def loss_fn(gen: torch.Generator):
@@ -250,9 +256,29 @@ def train_unet(m: ToyModules, tokenizer, means: torch.Tensor, stds: torch.Tensor
                     args.unet_steps, args.seed + 2, loss_fn, args, ckpt_dir, log, args.unet_ema_decay)
 
 
+def build_for(args: argparse.Namespace, tokenizer) -> ToyModules:
+    """Fresh modules of args.family's shape at the recipe's text width and attention (seeded with args.seed)."""
+    contrastive = args.text_encoder == "contrastive"
+    kw = dict(text_width=args.text_width, attention=args.attention, frozen_text=contrastive)
+    if args.family == "sdxl" and contrastive:  # text_encoder_2's projection is its contrastive one (as bigG's)
+        kw["pooled"] = args.clip_dim
+    return build(args.family, tokenizer, args.seed, **kw)
+
+
+def train_text_encoders(m: ToyModules, images: np.ndarray, labels: list[tuple[str, str]], tokenizer,
+                        args: argparse.Namespace, ckpt_dir: Path, log: logging.Logger, t0: float) -> None:
+    """Each text encoder's contrastive phase, in pipeline order, each with its own heads and seeds; all leave frozen."""
+    from utils.toy.contrastive import train_text_encoder
+
+    hidden_layer = None if m.family == "sd" else -2  # what the U-Net reads: the last or the penultimate hidden state
+    for i, (name, encoder) in enumerate(m.text_encoders.items()):  # seeds + 4, + 5 for the first, + 6, + 7 next
+        train_text_encoder(encoder, images, labels, tokenizer, args, ckpt_dir, log, name, 2 * i, hidden_layer)
+        log.info("%s trained (contrastive) and frozen after %.1fs", name.replace("_", " "), time.time() - t0)
+
+
 def train(args: argparse.Namespace) -> Path:
-    """Render the data set, train VAE then U-Net + text encoder(s), save the pipeline (args.family's shape) to
-    args.output_dir."""
+    """Render the data set, train the text encoder(s) contrastively (toy 3), the VAE, then the U-Net (+ the text
+    encoder(s), toy 2), save the pipeline (args.family's shape) to args.output_dir."""
     from utils.gen.pipelines import SAMPLING_DEFAULTS  # imported without transformers' notices
 
     out = Path(args.output_dir)
@@ -271,16 +297,12 @@ def train(args: argparse.Namespace) -> Path:
     images, labels = make_dataset(args.n_images, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = make_tokenizer(tmp)
-    m = build(args.family, tokenizer, args.seed, **({} if args.family == "sdxl" else dict(
-        text_width=args.text_width, attention=args.attention, frozen_text=args.text_encoder == "contrastive")))
+    m = build_for(args, tokenizer)
     vae = m.vae
     log.info("params: %s", ", ".join(f"{k} {sum(p.numel() for p in mod.parameters())}" for k, mod in
                                      [*m.text_encoders.items(), ("vae", vae), ("unet", m.unet)]))
     if args.text_encoder == "contrastive":
-        from utils.toy.contrastive import train_text_encoder
-
-        train_text_encoder(m.text_encoders["text_encoder"], images, labels, tokenizer, args, ckpt_dir, log)
-        log.info("text encoder trained (contrastive) and frozen after %.1fs", time.time() - t0)
+        train_text_encoders(m, images, labels, tokenizer, args, ckpt_dir, log, t0)
     if args.vae_from:
         copy_vae(vae, args.vae_from, log)
     else:

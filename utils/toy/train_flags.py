@@ -1,6 +1,8 @@
 """The flags of `python -m utils.toy train` and its two recipes: toy 2 (the shipped assets/toy-sd and toy-sdxl) and
 toy 3 (assets/toy3-sd, Stable Diffusion 1.x's recipe: a text encoder learned first, contrastively, then frozen;
-epsilon prediction on SD's schedule; cross-attention at every level; 10% empty captions; "an" before vowels).
+epsilon prediction on SD's schedule; cross-attention at every level; 10% empty captions; "an" before vowels). Either
+recipe trains either family: with --family sdxl toy 3 learns each of the two text encoders in its own contrastive
+phase, as SDXL's two CLIP models were (not trained or shipped yet; docs/toy_world.md, "The toy SDXL").
 
 A recipe fills every flag left unset; a flag given on the command line wins. The run's identity (run.json beside each
 checkpoint) records the recipe and every resolved value, so a stopped run refuses to resume under another recipe.
@@ -28,13 +30,16 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
     """--recipe and the flags it sets (each None until resolve_recipe fills it from the recipe)."""
     p.add_argument("--recipe", choices=list(RECIPES), default="toy2",
                    help="toy2: text encoder trained with the U-Net, v-prediction, zero terminal SNR, cross-attention "
-                        "at 8x8 + mid (assets/toy-sd); toy3: SD 1.x's recipe (assets/toy3-sd); the flags below "
-                        "default to the recipe's values")
+                        "at 8x8 + mid (assets/toy-sd, assets/toy-sdxl); toy3: SD 1.x's recipe (assets/toy3-sd; "
+                        "with --family sdxl both encoders contrastive and frozen, as SDXL's); the flags below default "
+                        "to the recipe's values")
     p.add_argument("--text_encoder", choices=["joint", "contrastive"], default=None,
                    help="joint: trained with the U-Net on the denoising loss (toy2); contrastive: learned first and "
-                        "alone against an image encoder (symmetric InfoNCE), then frozen (toy3, as CLIP for SD)")
+                        "alone against an image encoder (symmetric InfoNCE), then frozen (toy3, as CLIP for SD; "
+                        "--family sdxl: each encoder in a phase of its own, with its own image encoder and seeds)")
     p.add_argument("--text_width", type=int, choices=[32, 64, 128, 256], default=None,
-                   help="text encoder width = the U-Net's cross_attention_dim (sd family; toy2 64, toy3 256)")
+                   help="text width = the U-Net's cross_attention_dim (toy2 64, toy3 256): the sd family's one text "
+                        "encoder; --family sdxl: its two encoders together, each half as wide")
     p.add_argument("--attention", choices=list(ATTENTION), default=None,
                    help="U-Net levels with (self- and cross-) attention: low = 8x8 + mid (toy2), all = 16x16, 8x8 "
                         "and mid (toy3, SD's layout)")
@@ -54,12 +59,15 @@ def add_train_parser(sub, func) -> None:
     """The `train` subcommand's flags: recipe, data, VAE, text encoder, U-Net, schedule, checkpoints."""
     p = sub.add_parser("train", help="render the data and train the toy pipeline (CPU, seeded)", formatter_class=HelpFormatter)
     p.add_argument("--output_dir", default=None, help="where the pipeline, train_toy.log and checkpoints go (a stopped "
-                   "run there is resumed; default outputs/toy-sd, with --recipe toy3 outputs/toy3-sd)")
+                   "run there is resumed; default outputs/toy-sd, with --recipe toy3 outputs/toy3-sd; --family "
+                   "sdxl: outputs/toy-sdxl, outputs/toy3-sdxl)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished pipeline, or a stopped run, in "
                    "--output_dir (training starts again from step 0)")
     p.add_argument("--family", choices=["sd", "sdxl"], default="sd",
                    help="the model's shape: sd (one text encoder; assets/toy-sd) or sdxl (two text encoders, pooled "
-                        "embedding and time ids; assets/toy-sdxl; recipe toy2 only)")
+                        "embedding and time ids; assets/toy-sdxl); every recipe and flag below trains either "
+                        "(sdxl: each encoder --text_width / 2 wide, attention at --attention's levels, joint or "
+                        "contrastive encoders)")
     add_recipe_flags(p)
     p.add_argument("--seed", type=int, default=2, help="seed of the data, the initial weights and training (the "
                    "default is the shipped model's)")
@@ -74,10 +82,11 @@ def add_train_parser(sub, func) -> None:
                    help="weight of a loss tying latent channels 0-2 to the block-averaged RGB (even colour geometry; "
                         "0: a free VAE)")
     p.add_argument("--clip_steps", type=int, default=1500, help="contrastive text encoder steps (--text_encoder "
-                   "contrastive)")
+                   "contrastive; --family sdxl: each encoder's)")
     p.add_argument("--clip_batch_size", type=int, default=256, help="contrastive batch: images, one caption each")
     p.add_argument("--clip_lr", type=float, default=1e-3, help="contrastive peak learning rate (AdamW, warm-up + cosine)")
-    p.add_argument("--clip_dim", type=int, default=64, help="width of the shared image-text embedding")
+    p.add_argument("--clip_dim", type=int, default=64, help="width of the shared image-text embedding (--family "
+                   "sdxl: text_encoder_2's projection, the pooled embedding the U-Net reads; joint encoders: 32)")
     p.add_argument("--unet_steps", type=int, default=None, help="U-Net (+ text encoder) training steps (toy2 4500, "
                    "toy3 4000)")
     p.add_argument("--unet_batch_size", type=int, default=64, help="U-Net batch size")
@@ -93,12 +102,11 @@ def add_train_parser(sub, func) -> None:
 
 def resolve_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Fill the flags left unset from args.recipe; parser.error for combinations that cannot train."""
+    if args.output_dir is None and args.family == "sdxl":
+        args.output_dir = RECIPES[args.recipe]["output_dir"] + "xl"  # outputs/toy-sdxl, outputs/toy3-sdxl
     for k, v in RECIPES[args.recipe].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.family == "sdxl" and (args.recipe != "toy2" or args.text_encoder != "joint" or args.text_width != 64
-                                  or args.attention != "low"):
-        parser.error("--family sdxl trains toy2's recipe only (two 32-wide joint encoders, attention at 8x8 + mid)")
     if args.zero_snr and args.prediction_type != "v_prediction":
         parser.error("--zero_snr needs --prediction_type v_prediction (epsilon is undefined at zero SNR); with "
                      "epsilon pass --no-zero_snr")
