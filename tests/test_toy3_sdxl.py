@@ -12,6 +12,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from toy_util import assert_conditioned_as_sdxl_family  # noqa: E402
 from utils.toy import measure as M  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +145,7 @@ def test_each_encoder_moves_in_its_own_phase_and_stays_frozen_after(xl3):
 
 
 def test_sdxl_toy3_folder_is_an_sdxl_pipeline_conditioned_as_trained_and_measured(xl3, one_thread):
-    from utils.families import FAMILIES, family_of
+    from utils.families import family_of
     from utils.toy.models import conditioner
     from utils.toy.train import _rows
 
@@ -156,18 +157,8 @@ def test_sdxl_toy3_folder_is_an_sdxl_pipeline_conditioned_as_trained_and_measure
     s = pipe.scheduler.config
     assert s.prediction_type == "epsilon" and not s.rescale_betas_zero_snr and s.timestep_spacing == "leading"
     # the U-Net phase's cached conditioning (frozen encoders) is the family's encode of the saved folder
-    family = FAMILIES["sdxl"]
-    parts = family.load(str(out))
-    prompts = ["an orange circle", "an apple", ""]
-    cond = family.encode(parts, prompts, torch.device("cpu"))
-    ids = parts.tokenizer(prompts, padding="max_length", max_length=parts.tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        got = _rows(conditioner(m)(ids), torch.tensor([2, 0, 1]))
-    for i, p in zip([1, 2, 0], prompts):
-        assert torch.allclose(got["encoder_hidden_states"][i], cond[p].hidden[0], atol=1e-6)
-        for k in ("text_embeds", "time_ids"):
-            assert torch.allclose(got["added_cond_kwargs"][k][i], cond[p].extra[k][0], atol=1e-6)
+    assert_conditioned_as_sdxl_family(out, ["an orange circle", "an apple", ""],
+                                      lambda ids: _rows(conditioner(m)(ids), torch.tensor([2, 0, 1])), [1, 2, 0])
     items = [it for it in M.quality_items(n=1, seed=0, colours=["orange"], an=True) if it.shape == "circle"][:2]
     assert items[0].prompt == "an orange circle"
     res = M.quality(items, M.draw(pipe, items, num_inference_steps=2))

@@ -10,6 +10,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from toy_util import assert_conditioned_as_sdxl_family  # noqa: E402
 from utils.toy import measure as M  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,20 +55,10 @@ def test_sdxl_toy_is_conditioned_in_training_as_the_family_encodes_it(toy_xl):
     from utils.families import FAMILIES
     from utils.toy.models import ToyModules, conditioner
 
-    family = FAMILIES["sdxl"]
-    parts = family.load(str(toy_xl))
-    prompts = ["a red circle", "an apple", ""]
-    cond = family.encode(parts, prompts, torch.device("cpu"))
-    ids = parts.tokenizer(prompts, padding="max_length", max_length=parts.tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids
+    parts = FAMILIES["sdxl"].load(str(toy_xl))
     modules = ToyModules("sdxl", {"text_encoder": parts.text_encoder, "text_encoder_2": parts.text_encoder_2},
                          parts.vae, parts.unet)
-    with torch.no_grad():
-        got = conditioner(modules)(ids)
-    for i, p in enumerate(prompts):
-        assert torch.allclose(got["encoder_hidden_states"][i], cond[p].hidden[0], atol=1e-6)
-        for k in ("text_embeds", "time_ids"):
-            assert torch.allclose(got["added_cond_kwargs"][k][i], cond[p].extra[k][0], atol=1e-6)
+    assert_conditioned_as_sdxl_family(toy_xl, ["a red circle", "an apple", ""], conditioner(modules))
 
 
 def test_compare_loads_and_judges_an_sdxl_toy(toy_xl, tmp_path, one_thread):

@@ -32,3 +32,23 @@ def esd_demo_run(out: Path) -> Path:
         "--train_batch_size", "4", "--learning_rate", "1e-4", "--num_ddim_steps", "20", "--guidance_scale", "3",
         "--negative_guidance", "2", "--checkpointing_steps", "75", "--seed", "0", "--device", "cpu",
         "--threads", "1", "--output_dir", str(out)]))
+
+
+def assert_conditioned_as_sdxl_family(folder: Path, prompts: list[str], condition, rows=None) -> None:
+    """`condition(ids)` (the toy trainer's conditioning; rows: which of its outputs are each prompt's) gives the sdxl
+    family's encode of `folder` for every prompt: hidden states, pooled embedding and time ids."""
+    import torch
+
+    from utils.families import FAMILIES
+
+    family = FAMILIES["sdxl"]
+    parts = family.load(str(folder))
+    cond = family.encode(parts, prompts, torch.device("cpu"))
+    ids = parts.tokenizer(prompts, padding="max_length", max_length=parts.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        got = condition(ids)
+    for i, p in zip(rows if rows is not None else range(len(prompts)), prompts):
+        assert torch.allclose(got["encoder_hidden_states"][i], cond[p].hidden[0], atol=1e-6)
+        for k in ("text_embeds", "time_ids"):
+            assert torch.allclose(got["added_cond_kwargs"][k][i], cond[p].extra[k][0], atol=1e-6)
