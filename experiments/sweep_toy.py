@@ -106,11 +106,8 @@ def format_rows(rows: list[dict]) -> str:
     for r in rows:
         res = r["res"]
         cells = [r["run"], str(r["step"])] + [f"{100 * res['after'][k][c]:.1f}" for c in concepts for k in M.KINDS]
-        near = [c for c in res["preserved"] if c in {M.NEIGHBOURS[x] for x in concepts}]
-        far = [c for c in res["preserved"] if c not in near]
-        cells += [f"{100 * res['preserved_neighbours']:.1f}", f"{100 * res['preserved_others']:.1f}",
-                  f"{100 * M.drawn_own(res, near):.1f}", f"{100 * M.drawn_own(res, far):.1f}",
-                  f"{100 * res['shape_acc_after']:.1f}", "**yes**" if meets(res) else ""]
+        cells += [f"{100 * v:.1f}" for v in (res["preserved_neighbours"], res["preserved_others"], *M.drawn_split(res))]
+        cells += [f"{100 * res['shape_acc_after']:.1f}", "**yes**" if meets(res) else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

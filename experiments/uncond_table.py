@@ -120,12 +120,6 @@ def measure_row(args: argparse.Namespace, unet: Path, seed: int) -> dict:
     return res
 
 
-def others_drawn(res: dict) -> float:
-    """Mean over the kept colours but the neighbour of the share of their prompts drawn in their own colour (kept
-    counts only an image with the same colour, shape and place as before; this counts the colour alone)."""
-    return M.drawn_own(res, [c for c in res["preserved"] if c != M.NEIGHBOURS[CONCEPT]])
-
-
 def summary(name: str, results: Sequence[dict]) -> dict:
     """A row's numbers (%), the mean over its seeds with the range when there are several."""
     def stat(values: Sequence[float], scale: float = 100.0) -> str:
@@ -137,7 +131,7 @@ def summary(name: str, results: Sequence[dict]) -> dict:
             **{f"{CONCEPT} {k}": stat([a[k][CONCEPT] for a in after]) for k in M.KINDS},
             "orange kept": stat([r["preserved_neighbours"] for r in results]),
             "other four kept": stat([r["preserved_others"] for r in results]),
-            "other four drawn": stat([others_drawn(r) for r in results]),
+            "other four drawn": stat([M.drawn_split(r)[1] for r in results]),  # the colour alone, not its place
             "shapes": stat([r["shape_acc_after"] for r in results]),
             "empty mix moved": stat([r["empty_moved"] for r in results]),
             "training s": stat([r["training_s"] or float("nan") for r in results], 1.0)}

@@ -175,6 +175,9 @@ def test_erasure_summary_on_rendered_images():
     # what a person sees: red prompts now draw green, orange prompts purple, the others unchanged
     assert res["drawn_before"]["red"] == {"red": 1.0} and res["drawn_after"]["red"] == {"green": 1.0}
     assert res["drawn_after"]["orange"] == {"purple": 1.0} and res["drawn_after"]["blue"] == {"blue": 1.0}
+    assert (res["drawn_neighbours"], res["drawn_others"]) == (0.0, 1.0)  # the colour alone, split as preserved
+    old = {k: v for k, v in res.items() if k not in ("drawn_neighbours", "drawn_others")}  # saved before the keys
+    assert M.drawn_split(old) == (0.0, 1.0)
     from utils.toy.cli import format_erasure
     assert "  red      green 100.0\n  orange   purple 100.0\n" in format_erasure(res)
     # red prompts drawn crimson: no red to the judge, all red to the lenient reading, and the table says both

@@ -62,7 +62,7 @@ def format_erasure(res: dict, seconds: float | None = None) -> str:
         lenient = " / ".join(_pct(res["after_nearest"][kind][c]).strip() for kind in M.KINDS)
         lines.append(f"  {c}, lenient reading (nearest palette colour), explicit / paraphrase / implied: {lenient}")
     kept = res["preserved"]
-    neighbours = [M.NEIGHBOURS[c] for c in res["concepts"] if M.NEIGHBOURS[c] not in res["concepts"]]
+    neighbours = M.neighbours_of(res["concepts"])
     if neighbours:
         lines.append(f"{'neighbour preserved (' + ', '.join(neighbours) + ')':<34} {'':>7} "
                      f"{_pct(res['preserved_neighbours']):>7}")

@@ -5,7 +5,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from utils.toy.measure import NEIGHBOURS, Item
+from utils.toy.measure import Item, neighbours_of
 
 
 def panel_grid(panels: Sequence[tuple[str, dict[str, list[Image.Image]]]], show: int = 6, scale: int = 2) -> Image.Image:
@@ -50,7 +50,7 @@ def before_after_grid(items: Sequence[Item], before: Sequence[Image.Image], afte
     for c in concepts:
         rows += _pick(items, "explicit", c, 3) + _pick(items, "paraphrase", c, 2) + _pick(items, "implied", c, 3)
     kept = list(dict.fromkeys(it.colour for it in items if it.group == "keep"))
-    neighbours = [NEIGHBOURS[c] for c in concepts]
+    neighbours = neighbours_of(concepts)
     for c in sorted(kept, key=lambda c: c not in neighbours):
         rows += _pick(items, "keep", c, 3 if c in neighbours else 1)
     keep = set(rows)

@@ -227,7 +227,7 @@ def erasure(items: Sequence[Item], before: Sequence[Image.Image], after: Sequenc
     for c in dict.fromkeys(it.colour for it in items if it.group == "keep"):
         idx = [i for i, it in enumerate(items) if it.colour == c and it.group == "keep"]
         res["preserved"][c] = _rate([preserved(before[i], after[i]) for i in idx])
-    neighbours = [NEIGHBOURS[c] for c in concepts if NEIGHBOURS[c] not in concepts]
+    neighbours = neighbours_of(concepts)
     kept = res["preserved"]
     res["preserved_neighbours"] = _rate([v for c, v in kept.items() if c in neighbours])
     res["preserved_others"] = _rate([v for c, v in kept.items() if c not in neighbours])
@@ -236,13 +236,27 @@ def erasure(items: Sequence[Item], before: Sequence[Image.Image], after: Sequenc
     res["shape_acc_before"] = _rate([vb[i][1] == items[i].shape for i in shaped])
     res["shape_acc_after"] = _rate([va[i][1] == items[i].shape for i in shaped])
     res["drawn_before"], res["drawn_after"] = drawn(items, vb), drawn(items, va)
+    res["drawn_neighbours"], res["drawn_others"] = drawn_split(res)
     return res
+
+
+def neighbours_of(concepts: Sequence[str]) -> list[str]:
+    """The erased colours' palette neighbours that are not erased themselves (the kept colours measured apart)."""
+    return [NEIGHBOURS[c] for c in concepts if NEIGHBOURS[c] not in concepts]
 
 
 def drawn_own(res: dict, colours: Sequence[str]) -> float:
     """Mean over `colours` of the share of their prompts judged in their own colour at all (an erasure result's
     drawn_after; `preserved` also asks for the same shape and place as before)."""
     return _rate([res["drawn_after"][c].get(c, 0.0) for c in colours])
+
+
+def drawn_split(res: dict) -> tuple[float, float]:
+    """drawn_own of an erasure result's kept colours: (the neighbours, the others), as preserved_neighbours and
+    preserved_others split them (computed from drawn_after, so results saved before these keys existed work too)."""
+    near = neighbours_of(res["concepts"])
+    kept = list(res["preserved"])
+    return drawn_own(res, [c for c in kept if c in near]), drawn_own(res, [c for c in kept if c not in near])
 
 
 def drawn(items: Sequence[Item], verdicts: Sequence[tuple[str | None, str | None]]) -> dict[str, dict[str, float]]:
