@@ -1,6 +1,6 @@
 """Which text width for toy 3's contrastive text encoder (64 or 256)? Trains the contrastive phase alone at each
 width on toy 3's data and captions and prints retrieval and the hidden states' cosine structure; the answer is in
-docs/toy_world.md, "Toy world 3".
+docs/toy3.md.
 
   python -m experiments.toy3_text_width --output outputs/toy3-width.json --threads 1
 """

@@ -1,4 +1,4 @@
-"""Does SDD erase on a toy model, and which weights' target makes it drift? Answer: docs/toy_world.md#the-uncond-table.
+"""Does SDD erase on a toy model, and which weights' target makes it drift? Answer: docs/toy3.md#the-uncond-table.
 
 One table per toy model: SDD with the paper's recipe scaled to the toy and with the demo recipe, each with the three
 `--uncond_from` choices (which weights compute the target e(z_t, "")), ESD-x-1 beside them, and the preservation term
@@ -45,7 +45,7 @@ PAPER = {"num_train_steps": 1500, "train_batch_size": 1, "learning_rate": 1e-4, 
          "guidance_scale": 3.0, "num_ddim_steps": 20}
 DEMO = {"num_train_steps": 600, "train_batch_size": 4, "learning_rate": 3e-4, "ema_decay": 0.99,  # run_sdd_toy.sh
         "guidance_scale": 3.0, "num_ddim_steps": 20}
-# the best SDD recipe of the toy-3 sweep (docs/toy_world.md, "The toy-3 sweep"; its step count picked on seed 0):
+# the best SDD recipe of the toy-3 sweep (docs/toy3.md#the-toy-3-sweep; its step count picked on seed 0):
 # the demo recipe at a third of its learning rate
 SWEPT3 = {**DEMO, "learning_rate": 1e-4}
 ESD_X1 = {"num_train_steps": 200, "train_batch_size": 4, "learning_rate": 1e-4, "negative_guidance": 1.0,  # toy table

@@ -4,9 +4,34 @@ docstring). The lab notebook's pages (docs/notes/) run the one-off studies: expe
 the same way, off the default test run."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from docs_runner import page_groups, run_pages
+from docs_util import ROOT, pages, prose
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")  # a Markdown link's target: [text](page.md#anchor)
+
+
+def anchors(page) -> set[str]:
+    """The anchors a Markdown renderer gives a page's headings (GitHub's rule: lower case, punctuation dropped)."""
+    heads = re.findall(r"^#+ (.*)$", prose(page.read_text()), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
+@pytest.mark.parametrize("page", [p.relative_to(ROOT) for p in pages() + pages(notes=True)], ids=str)
+def test_every_link_between_pages_resolves(page):
+    """Each relative link names a file that exists and, into a page, a heading it has (sections move between pages)."""
+    broken = []
+    for target in LINK.findall(prose((ROOT / page).read_text()).replace("\n", " ")):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        dest = ((ROOT / page).parent / path).resolve() if path else ROOT / page
+        if not dest.exists() or (anchor and dest.suffix == ".md" and anchor not in anchors(dest)):
+            broken.append(target)
+    assert not broken, f"{page}: broken links {broken}"
 
 
 @pytest.mark.slow(minutes=5)

@@ -1,8 +1,8 @@
 """The flags of `python -m utils.toy train` and its two recipes: toy 2 (the shipped assets/toy-sd and toy-sdxl) and
-toy 3 (assets/toy3-sd, Stable Diffusion 1.x's recipe: a text encoder learned first, contrastively, then frozen;
-epsilon prediction on SD's schedule; cross-attention at every level; 10% empty captions; "an" before vowels). Either
+toy 3 (assets/toy3-sd and toy3-sdxl, Stable Diffusion 1.x's recipe: a text encoder learned first, contrastively, then
+frozen; epsilon prediction on SD's schedule; cross-attention at every level; 10% empty captions; "an" before vowels). Either
 recipe trains either family: with --family sdxl toy 3 learns each of the two text encoders in its own contrastive
-phase, as SDXL's two CLIP models were (not trained or shipped yet; docs/toy_world.md, "The toy SDXL").
+phase, as SDXL's two CLIP models were (assets/toy3-sdxl; docs/toy_sdxl.md).
 
 A recipe fills every flag left unset; a flag given on the command line wins. The run's identity (run.json beside each
 checkpoint) records the recipe and every resolved value, so a stopped run refuses to resume under another recipe.
@@ -18,7 +18,7 @@ RECIPES: dict[str, dict] = {
     "toy2": {"output_dir": "outputs/toy-sd", "text_encoder": "joint", "text_width": 64, "attention": "low",
              "prediction_type": "v_prediction", "zero_snr": True, "caption_dropout": 0.25, "articles": "a",
              "unet_steps": 4500},
-    # text width 256: measured against 64 in docs/toy_world.md ("Toy world 3"); 4,000 U-Net steps (toy 2: 4,500):
+    # text width 256: measured against 64 in docs/toy3.md; 4,000 U-Net steps (toy 2: 4,500):
     # what one thread of the shared 2-core machine trains in about an hour with attention at both levels
     "toy3": {"output_dir": "outputs/toy3-sd", "text_encoder": "contrastive", "text_width": 256, "attention": "all",
              "prediction_type": "epsilon", "zero_snr": False, "caption_dropout": 0.10, "articles": "an",
