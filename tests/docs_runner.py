@@ -31,6 +31,7 @@ PARSE_ONLY = [
     (r"--model sdxl|--family sdxl", "an SDXL-shaped U-Net: minutes per step on a CPU, 8-10 GiB for the tables"),
     (r"--metric nudity", "attacks SD 1.4 (its default model) and scores with NudeNet"),
     (r"^python -m utils\.toy train", "trains the toy model (about 45 minutes) into assets/, the shipped model"),
+    (r"--model outputs/toy3-", "measures a toy-3 variant, which the page's parse-only train command makes (an hour)"),
     (r"run_toy_table\.sh(?!.*--quick)", "every method on the toy model: tens of minutes"),
     (r"-m utils\.toy\.table", "every method on the toy model: tens of minutes"),
     (r"run_toy_table\.sh.*--quick", "tests/test_toy_table.py runs it (about 3 minutes)"),
