@@ -4,6 +4,7 @@ docstring). The lab notebook's pages (docs/notes/) run the one-off studies: expe
 the same way, off the default test run."""
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
@@ -14,6 +15,7 @@ from docs_util import ROOT, pages, prose
 LINK = re.compile(r"\]\(([^)\s]+)\)")  # a Markdown link's target: [text](page.md#anchor)
 
 
+@functools.cache  # each page's headings read once, however many links point into it
 def anchors(page) -> set[str]:
     """The anchors a Markdown renderer gives a page's headings (GitHub's rule: lower case, punctuation dropped)."""
     heads = re.findall(r"^#+ (.*)$", prose(page.read_text()), re.M)

@@ -1,8 +1,8 @@
-"""The flags of `python -m utils.toy train` and its two recipes: toy 2 (the shipped assets/toy-sd and toy-sdxl) and
-toy 3 (assets/toy3-sd and toy3-sdxl, Stable Diffusion 1.x's recipe: a text encoder learned first, contrastively, then
-frozen; epsilon prediction on SD's schedule; cross-attention at every level; 10% empty captions; "an" before vowels). Either
-recipe trains either family: with --family sdxl toy 3 learns each of the two text encoders in its own contrastive
-phase, as SDXL's two CLIP models were (assets/toy3-sdxl; docs/toy_sdxl.md).
+"""The flags of `python -m utils.toy train` and its two recipes: toy 2 (the shipped assets/toy-sd and toy-sdxl) and toy
+3 (assets/toy3-sd and toy3-sdxl, Stable Diffusion 1.x's recipe: a text encoder learned first, contrastively, then
+frozen; epsilon prediction on SD's schedule; cross-attention at every level; 10% empty captions; "an" before vowels).
+Either recipe trains either family: with --family sdxl toy 3 learns each of the two text encoders in its own
+contrastive phase, as SDXL's two CLIP models were (assets/toy3-sdxl; docs/toy_sdxl.md).
 
 A recipe fills every flag left unset; a flag given on the command line wins. The run's identity (run.json beside each
 checkpoint) records the recipe and every resolved value, so a stopped run refuses to resume under another recipe.
